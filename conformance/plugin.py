@@ -1,0 +1,316 @@
+"""The kit's pytest plugin: options, markers, fixtures and the per-cell summary.
+
+Loaded by the root ``conftest.py`` in a checkout and by the ``pytest11`` entry point when installed.
+Every option has an ini twin (``parity_model`` for ``--parity-model`` ...), so a project can pin them in
+``pyproject.toml``. State lives on ``config.stash``; nothing is global.
+
+Fixtures for conformance tests: ``cell`` (parametrised over the matrix's selected cells, session scope,
+so one engine lives at a time), ``parity_runner`` (engine + reference + prompts for that cell),
+``parity_settings`` (the hypothesis profile), ``parity_vocab`` and ``parity_config``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from conformance.contract import TRAINER_SEMANTICS, TrainerSemantics
+from conformance.matrix import Cell, MatrixError, load_matrix, select_cells
+from conformance.strategies import PROFILES
+
+FIXTURES = Path(__file__).parent / "fixtures"
+DEFAULT_MATRIX = FIXTURES / "matrices" / "cpu.toml"
+DEFAULT_PROMPTS = FIXTURES / "prompts" / "default.json"
+
+MARKERS = {
+    "parity": "conformance test against a real engine (starts engines; select with -m parity)",
+    "gpu": "needs a CUDA GPU; skipped with the reason elsewhere",
+    "selftest": "the kit's own fault-injection self-tests (start real engines)",
+}
+
+_OPTIONS: list[tuple[str, dict[str, Any]]] = [
+    ("model", {"default": "bundled", "help": "model: 'bundled', a variant name or a local HF model directory"}),
+    ("matrix", {"default": str(DEFAULT_MATRIX), "help": "config matrix TOML file"}),
+    ("cells", {"default": "", "help": "comma-separated cell ids to run (default: all cells of the matrix)"}),
+    ("trainer", {"default": "", "help": "what the trainer computes: " + ", ".join(TRAINER_SEMANTICS) + " (default: each cell's own logprobs mode)"}),
+    ("profile", {"default": "ci", "help": "hypothesis profile: " + ", ".join(PROFILES)}),
+    ("examples", {"default": "", "help": "override the profile's examples per test"}),
+    ("prompts", {"default": str(DEFAULT_PROMPTS), "help": "JSON list of prompt texts"}),
+    ("results", {"default": "", "help": "append one JSON record per check to this file"}),
+    ("device", {"default": "", "help": "reference device (default: cuda when available, else cpu)"}),
+    ("cache-dir", {"default": "", "help": "where built model variants are cached (default: pytest's cache)"}),
+]
+
+
+@dataclass
+class ParityConfig:
+    """The resolved ``--parity-*`` options of a session."""
+
+    model: str
+    matrix: Path
+    cells: list[str]
+    trainer: TrainerSemantics | None
+    profile: str
+    examples: int | None
+    prompts: Path
+    results: Path | None
+    device: str
+    cache_dir: Path
+    _cells: list[Cell] | None = field(default=None, repr=False)
+
+    def selected_cells(self) -> list[Cell]:
+        if self._cells is None:
+            self._cells = select_cells(load_matrix(self.matrix), self.cells, str(self.matrix))
+        return self._cells
+
+
+CONFIG_KEY = pytest.StashKey[ParityConfig]()
+RECORDER_KEY = pytest.StashKey[Any]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("parity", "logprob-parity conformance kit")
+    for name, spec in _OPTIONS:
+        ini = "parity_" + name.replace("-", "_")
+        group.addoption(f"--parity-{name}", dest=ini, default=None, help=spec["help"])
+        parser.addini(ini, spec["help"], default=spec["default"])
+
+
+def _option(config: pytest.Config, name: str) -> str:
+    ini = "parity_" + name.replace("-", "_")
+    value = config.getoption(ini)
+    if value is None:
+        value = config.getini(ini)
+    return str(value).strip()
+
+
+def _resolve_config(config: pytest.Config) -> ParityConfig:
+    trainer = _option(config, "trainer") or None
+    if trainer is not None and trainer not in TRAINER_SEMANTICS:
+        raise pytest.UsageError(f"--parity-trainer {trainer!r}: expected one of {', '.join(TRAINER_SEMANTICS)}")
+    profile = _option(config, "profile")
+    if profile not in PROFILES:
+        raise pytest.UsageError(f"--parity-profile {profile!r}: expected one of {', '.join(PROFILES)}")
+    examples_text = _option(config, "examples")
+    try:
+        examples = int(examples_text) if examples_text else None
+    except ValueError:
+        raise pytest.UsageError(f"--parity-examples {examples_text!r}: expected an integer") from None
+    results = _option(config, "results")
+    device = _option(config, "device")
+    if not device:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cache = _option(config, "cache-dir")
+    cache_dir = Path(cache) if cache else Path(config.cache.mkdir("parity-models")) if config.cache else Path(".parity-cache")
+    return ParityConfig(
+        model=_option(config, "model"),
+        matrix=Path(_option(config, "matrix")),
+        cells=[c.strip() for c in _option(config, "cells").split(",") if c.strip()],
+        trainer=cast(TrainerSemantics | None, trainer),
+        profile=profile,
+        examples=examples,
+        prompts=Path(_option(config, "prompts")),
+        results=Path(results) if results else None,
+        device=device,
+        cache_dir=cache_dir,
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from conformance.runner import Recorder
+    from conformance.strategies import register_profiles
+
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+    register_profiles()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parity = _resolve_config(config)
+    config.stash[CONFIG_KEY] = parity
+    recorder = Recorder(results_path=parity.results)
+    config.stash[RECORDER_KEY] = recorder
+    if parity.results is not None:
+        parity.results.parent.mkdir(parents=True, exist_ok=True)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "cell" not in metafunc.fixturenames:
+        return
+    parity = metafunc.config.stash[CONFIG_KEY]
+    try:
+        cells = parity.selected_cells()
+    except MatrixError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    wanted = getattr(metafunc.function, "parity_cell_filter", None)
+    params = []
+    for cell in cells:
+        marks = []
+        if wanted is not None and not wanted(cell):
+            continue
+        if cell.tier == "gpu":
+            marks.append(pytest.mark.gpu)
+        params.append(pytest.param(cell, id=cell.id, marks=marks))
+    if not params:
+        params = [pytest.param(None, id="no-cell", marks=pytest.mark.skip(reason="no cell of the matrix fits this test"))]
+    metafunc.parametrize("cell", params, indirect=True, scope="session")
+
+
+# -- fixtures -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def parity_config(pytestconfig: pytest.Config) -> ParityConfig:
+    """The session's resolved ``--parity-*`` options."""
+    return pytestconfig.stash[CONFIG_KEY]
+
+
+@pytest.fixture(scope="session")
+def parity_recorder(pytestconfig: pytest.Config) -> Any:
+    """The session's :class:`~conformance.runner.Recorder`."""
+    return pytestconfig.stash[RECORDER_KEY]
+
+
+@pytest.fixture(scope="session")
+def cell(request: pytest.FixtureRequest) -> Cell:
+    """The matrix cell under test (session scope: tests are grouped so one engine lives at a time)."""
+    value = cast(Cell, request.param)
+    if value.tier == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip(f"cell {value.id} is a GPU cell (tier 'gpu') and torch.cuda.is_available() is False")
+    return value
+
+
+@pytest.fixture(scope="session")
+def parity_models(parity_config: ParityConfig) -> Any:
+    """Resolves model specs to directories (variants are built once and cached)."""
+    from conformance.models import resolve_model
+
+    resolved: dict[str, Path] = {}
+
+    def resolve(spec: str) -> Path:
+        if spec not in resolved:
+            try:
+                resolved[spec] = resolve_model(spec, parity_config.cache_dir)
+            except ValueError as exc:
+                raise pytest.UsageError(str(exc)) from None
+        return resolved[spec]
+
+    return resolve
+
+
+@pytest.fixture(scope="session")
+def parity_model_path(cell: Cell, parity_config: ParityConfig, parity_models: Any) -> Path:
+    """The model directory of the current cell (``--parity-model`` unless the cell names its own)."""
+    spec = parity_config.model if cell.model == "bundled" else cell.model
+    return cast(Path, parity_models(spec))
+
+
+@pytest.fixture(scope="session")
+def parity_references(parity_config: ParityConfig) -> Any:
+    """fp32 HF references per model directory, loaded once."""
+    from conformance.reference import HFReference, ReferenceError
+
+    loaded: dict[Path, HFReference] = {}
+
+    def get(path: Path) -> HFReference:
+        if path not in loaded:
+            try:
+                loaded[path] = HFReference(path, device=parity_config.device)
+            except ReferenceError as exc:
+                pytest.fail(str(exc), pytrace=False)
+        return loaded[path]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def parity_tokenizers() -> Any:
+    """HF tokenizers per model directory, loaded once."""
+    from transformers import AutoTokenizer
+
+    loaded: dict[Path, Any] = {}
+
+    def get(path: Path) -> Any:
+        if path not in loaded:
+            loaded[path] = AutoTokenizer.from_pretrained(path)
+        return loaded[path]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def parity_engine(cell: Cell, parity_model_path: Path) -> Any:
+    """The cell's :class:`~conformance.runner.EngineHandle` (closed when the session moves to another cell)."""
+    from conformance.runner import EngineHandle
+
+    handle = EngineHandle(cell, parity_model_path)
+    yield handle
+    handle.close()
+
+
+@pytest.fixture(scope="session")
+def parity_runner(
+    parity_engine: Any,
+    parity_model_path: Path,
+    parity_config: ParityConfig,
+    parity_references: Any,
+    parity_tokenizers: Any,
+    parity_recorder: Any,
+) -> Any:
+    """A :class:`~conformance.runner.ParityRunner` for the current cell."""
+    from conformance.runner import ParityRunner, PromptSet
+
+    tokenizer = parity_tokenizers(parity_model_path)
+    try:
+        prompts = PromptSet.load(parity_config.prompts, tokenizer)
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    return ParityRunner(
+        parity_engine,
+        parity_references(parity_model_path),
+        prompts,
+        trainer=parity_config.trainer,
+        recorder=parity_recorder,
+        decode=lambda t: tokenizer.decode([t]),
+    )
+
+
+@pytest.fixture(scope="session")
+def parity_vocab(parity_model_path: Path, parity_tokenizers: Any, parity_references: Any) -> Any:
+    """The :class:`~conformance.strategies.Vocabulary` of the current cell's model."""
+    from conformance.strategies import vocabulary_from_tokenizer
+
+    size = parity_references(parity_model_path).vocab_size
+    return vocabulary_from_tokenizer(parity_tokenizers(parity_model_path), size)
+
+
+@pytest.fixture(scope="session")
+def parity_settings(parity_config: ParityConfig) -> Any:
+    """Hypothesis settings of the selected profile (applied to the suite's tests only)."""
+    from hypothesis import settings
+
+    base = settings.get_profile(f"parity-{parity_config.profile}")
+    if parity_config.examples is not None:
+        return settings(base, max_examples=parity_config.examples)
+    return base
+
+
+# -- reporting ----------------------------------------------------------------------------------------
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    from conformance.report import summary_table
+
+    recorder = config.stash.get(RECORDER_KEY, None)
+    if recorder is None or (not recorder.reports and not recorder.engine_failures):
+        return
+    terminalreporter.section("logprob parity: per-cell summary")
+    for line in summary_table(recorder).splitlines():
+        terminalreporter.write_line(line)

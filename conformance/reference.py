@@ -1,0 +1,82 @@
+"""The fp32 reference: a teacher-forced HuggingFace-transformers forward over prompt + completion.
+
+:class:`HFReference` returns, for each sequence, the fp32 raw logits at every generated position
+(``logits[i]`` predicted ``output_ids[i]``), which the contract turns into whatever the engine's
+logprobs are supposed to mean.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+
+class ReferenceError(ValueError):
+    """The reference model cannot be loaded; the message is one line naming the path."""
+
+
+class HFReference:
+    """An HF causal LM in float32 on ``device``, evaluated without gradients.
+
+    Sequences are batched right-padded (real tokens start at position 0, so the default position ids
+    are right) with an attention mask; at most ``max_batch_tokens`` padded tokens per forward pass.
+    """
+
+    def __init__(self, model_path: Path, device: str = "cpu", max_batch_tokens: int = 16384) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if not (model_path / "config.json").is_file():
+            raise ReferenceError(f"reference model not found: {model_path} has no config.json")
+        from transformers import AutoModelForCausalLM
+
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        except Exception as exc:  # noqa: BLE001 - one line for the user, not a deep traceback
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ReferenceError(f"cannot load reference model {model_path}: {first}") from None
+        self.model.to(device).eval()
+        self.device = device
+        self.model_path = model_path
+        self.max_batch_tokens = max_batch_tokens
+        self.vocab_size = int(self.model.config.vocab_size)
+
+    @torch.no_grad()
+    def raw_logits(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[torch.Tensor]:
+        """fp32 logits ``[len(output), vocab]`` (on CPU) for each ``(prompt_ids, output_ids)`` pair."""
+        results: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
+        # Longest first: a batch's padded width is the length of its first member.
+        order = sorted(range(len(sequences)), key=lambda i: -self._len(sequences, i))
+        batch: list[int] = []
+        for index in order:
+            if batch and (len(batch) + 1) * self._len(sequences, batch[0]) > self.max_batch_tokens:
+                self._run(sequences, batch, results)
+                batch = []
+            batch.append(index)
+        if batch:
+            self._run(sequences, batch, results)
+        return results
+
+    @staticmethod
+    def _len(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], index: int) -> int:
+        return len(sequences[index][0]) + len(sequences[index][1])
+
+    def _run(
+        self,
+        sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
+        batch: list[int],
+        results: list[torch.Tensor],
+    ) -> None:
+        width = max(self._len(sequences, i) for i in batch)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, index in enumerate(batch):
+            tokens = list(sequences[index][0]) + list(sequences[index][1])
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            mask[row, : len(tokens)] = 1
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        logits = logits.float().cpu()
+        for row, index in enumerate(batch):
+            prompt_len, out_len = len(sequences[index][0]), len(sequences[index][1])
+            results[index] = logits[row, prompt_len - 1 : prompt_len - 1 + out_len].clone()

@@ -1,0 +1,62 @@
+"""Human-readable summaries of a parity session: the per-cell table printed at the end of a run."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+COLUMNS = ("cell", "checks", "failed", "layers", "tokens", "max|Δ|", "mean|Δ|", "meanΔ", "k3", "boundary", "engine fails")
+
+
+def _fmt(value: float) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "-"
+    return f"{value:.2g}" if abs(value) < 1e-3 and value != 0 else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def cell_rows(recorder: Any) -> list[dict[str, Any]]:
+    """One dict per cell aggregating its checks (token-weighted means, worst max)."""
+    by_cell: dict[str, list[Any]] = defaultdict(list)
+    for _test, cell, report in recorder.reports:
+        by_cell[cell].append(report)
+    fails: dict[str, int] = defaultdict(int)
+    for failure in recorder.engine_failures:
+        fails[failure.cell] += 1
+    rows = []
+    for cell in sorted(set(by_cell) | set(fails)):
+        reports = by_cell.get(cell, [])
+        n = sum(r.metrics.n for r in reports)
+        weighted = lambda attr: (  # noqa: E731
+            sum(getattr(r.metrics, attr) * r.metrics.n for r in reports if r.metrics.n) / n if n else math.nan
+        )
+        layers = sorted({r.layer for r in reports if r.layer})
+        rows.append(
+            {
+                "cell": cell,
+                "checks": len(reports),
+                "failed": sum(not r.passed for r in reports),
+                "layers": ",".join(layers) or "-",
+                "tokens": n,
+                "max|Δ|": max((r.metrics.max_abs for r in reports if r.metrics.n), default=math.nan),
+                "mean|Δ|": weighted("mean_abs"),
+                "meanΔ": weighted("mean_signed"),
+                "k3": weighted("k3_kl"),
+                "boundary": sum(r.boundary_tokens for r in reports),
+                "engine fails": fails.get(cell, 0),
+            }
+        )
+    return rows
+
+
+def summary_table(recorder: Any) -> str:
+    """The per-cell table (Markdown-compatible) followed by one line per engine failure."""
+    rows = cell_rows(recorder)
+    cells = [[_fmt(row[c]) if isinstance(row[c], float) else str(row[c]) for c in COLUMNS] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(COLUMNS)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(COLUMNS, widths)) + " |"]
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines += ["| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |" for r in cells]
+    for failure in recorder.engine_failures:
+        lines.append(f"engine failure in {failure.cell}: {failure.reason} (params: {failure.params})")
+    return "\n".join(lines)

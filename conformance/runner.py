@@ -1,0 +1,184 @@
+"""Drive one engine and the reference through a case and judge it: the suite's (and users') workhorse.
+
+* :class:`PromptSet`: the prompt texts and their token ids under the model's tokenizer.
+* :class:`EngineHandle`: the cell's engine, started lazily and restarted after an engine death, with the
+  engine failures it met.
+* :class:`ParityRunner`: ``run(case)`` sends a case to the engine, scores the same tokens with the fp32
+  reference and returns the :class:`~conformance.parity.ParityReport` (recorded in a :class:`Recorder`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from conformance.contract import TrainerSemantics
+from conformance.engines.base import Engine, EngineFailure, Request, Sample
+from conformance.matrix import Cell
+from conformance.parity import ParityReport, SequenceInput, Target, check_parity
+from conformance.reference import HFReference
+from conformance.strategies import Case
+
+EngineFactory = Callable[[Cell, Path], Engine]
+
+
+def default_engine_factory(cell: Cell, model_path: Path) -> Engine:
+    """The built-in adapter for ``cell.engine`` (``vllm``: the offline ``vllm.LLM``)."""
+    from conformance.engines.vllm_offline import VllmOfflineEngine
+
+    return VllmOfflineEngine(cell, model_path)
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Prompt texts and their token ids (BOS first when the tokenizer has one)."""
+
+    texts: tuple[str, ...]
+    ids: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def load(cls, path: Path, tokenizer: Any) -> "PromptSet":
+        if not path.is_file():
+            raise ValueError(f"prompt file not found: {path}")
+        try:
+            texts = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc}") from None
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+            raise ValueError(f"{path}: expected a non-empty JSON list of non-empty strings")
+        bos = getattr(tokenizer, "bos_token_id", None)
+        ids = []
+        for text in texts:
+            tokens = list(tokenizer.encode(text, add_special_tokens=False))
+            ids.append(tuple(([bos] if isinstance(bos, int) else []) + tokens))
+        return cls(tuple(texts), tuple(ids))
+
+
+@dataclass
+class EngineFailureRecord:
+    cell: str
+    params: str
+    reason: str
+    log_tail: str
+
+
+class EngineHandle:
+    """The engine of one cell: started on first use, restarted after it died, closed once."""
+
+    def __init__(self, cell: Cell, model_path: Path, factory: EngineFactory = default_engine_factory) -> None:
+        self.cell = cell
+        self.model_path = model_path
+        self.factory = factory
+        self.failures: list[EngineFailureRecord] = []
+        self._engine: Engine | None = None
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is not None and getattr(self._engine, "dead", False):
+            self.close()
+        if self._engine is None:
+            self._engine = self.factory(self.cell, self.model_path)
+        return self._engine
+
+    def close(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()
+
+
+@dataclass
+class Recorder:
+    """Collects reports and engine failures for the summary table and ``--parity-results``."""
+
+    results_path: Path | None = None
+    reports: list[tuple[str, str, ParityReport]] = field(default_factory=list)
+    engine_failures: list[EngineFailureRecord] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def add(self, test: str, report: ParityReport) -> None:
+        self.reports.append((test, report.cell, report))
+        self._write({"kind": "check", "test": test, **report.as_record()})
+
+    def add_failure(self, test: str, failure: EngineFailureRecord) -> None:
+        self.engine_failures.append(failure)
+        self._write({"kind": "engine-failure", "test": test, **failure.__dict__})
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self.results_path is None:
+            return
+        record = {**record, "versions": self.versions, "pid": os.getpid()}
+        with self.results_path.open("a") as fh:
+            fh.write(json.dumps(record, default=str) + "\n")
+
+
+class ParityRunner:
+    """Runs cases for one cell against the fp32 reference and judges them."""
+
+    def __init__(
+        self,
+        handle: EngineHandle,
+        reference: HFReference,
+        prompts: PromptSet,
+        trainer: TrainerSemantics | None = None,
+        recorder: Recorder | None = None,
+        decode: Callable[[int], str] | None = None,
+    ) -> None:
+        self.handle = handle
+        self.reference = reference
+        self.prompts = prompts
+        self.trainer = trainer
+        self.recorder = recorder
+        self.decode = decode
+
+    @property
+    def cell(self) -> Cell:
+        return self.handle.cell
+
+    @property
+    def target(self) -> Target:
+        return self.trainer if self.trainer is not None else self.cell.logprobs_mode
+
+    def requests(self, case: Case) -> list[Request]:
+        return [Request(self.prompts.ids[i], case.spec) for i in case.prompts]
+
+    def generate(self, requests: Sequence[Request]) -> list[list[Sample]]:
+        """Engine samples for ``requests`` (raises :class:`EngineFailure`)."""
+        return self.handle.engine.generate(requests)
+
+    def judge(self, requests: Sequence[Request], samples: Sequence[Sequence[Sample]], test: str = "") -> ParityReport:
+        """Score the engine's samples with the reference and the contract."""
+        engine = self.handle.engine
+        flat: list[tuple[Request, Sample]] = [(r, s) for r, group in zip(requests, samples) for s in group]
+        logits = self.reference.raw_logits([(s.prompt_ids, s.output_ids) for _, s in flat])
+        contexts = {id(r): engine.token_context(r) for r in requests}
+        inputs = [SequenceInput(s, lg, contexts[id(r)]) for (r, s), lg in zip(flat, logits)]
+        spec = requests[0].spec
+        report = check_parity(
+            inputs,
+            spec,
+            self.target,
+            self.cell.tolerance,
+            self.cell.id,
+            engine_description=engine.description,
+            trainer_declared=self.trainer is not None,
+            decode=self.decode,
+        )
+        if self.recorder is not None:
+            self.recorder.add(test, report)
+        return report
+
+    def run(self, case: Case, test: str = "") -> ParityReport:
+        """Generate the case on the engine, then judge it."""
+        requests = self.requests(case)
+        return self.judge(requests, self.generate(requests), test)
+
+    def engine_failure(self, case: Case, failure: EngineFailure, test: str = "") -> EngineFailureRecord:
+        record = EngineFailureRecord(self.cell.id, case.spec.describe(), failure.reason, failure.log_tail)
+        self.handle.failures.append(record)
+        if self.recorder is not None:
+            self.recorder.add_failure(test, record)
+        return record
