@@ -79,16 +79,20 @@ def main() -> None:
             m = report.metrics
             if m.n == 0:
                 return
+            # Normalise to T >= 1 units: processed values carry logit noise divided by T.
+            t = 1.0 if cell.logprobs_mode.startswith("raw") else min(case.spec.effective_temperature, 1.0)
+            excess = [r.excess for r in report.rows if math.isfinite(r.excess)]
             top = [r.excess for r in report.rows if r.kind == "top" and math.isfinite(r.excess)]
             per_check.append(
                 {
-                    "max_abs": m.max_abs,
-                    "mean_abs": m.mean_abs,
-                    "bias_excess": bias_excess(m, 0.0),
-                    "abs_mean": abs(m.mean_signed),
-                    "top_max": max(top, default=0.0),
+                    "max_abs": max(excess, default=0.0) * t,
+                    "mean_abs": m.mean_abs * t,
+                    "bias_excess": bias_excess(m, 0.0, noise_floor=cell.tolerance.mean_abs / t) * t,
+                    "abs_mean": abs(m.mean_signed) * t,
+                    "top_max": max(top, default=0.0) * t,
                     "boundary": report.boundary_tokens,
                     "n": m.n,
+                    "passed": report.passed,
                 }
             )
 
@@ -114,6 +118,7 @@ def main() -> None:
             "abs_mean_max": q("abs_mean", 1.0),
             "bias_excess_max": q("bias_excess", 1.0),
             "boundary_tokens": int(arr["boundary"].sum()) if "boundary" in arr else 0,
+            "false_positives": int((~arr["passed"].astype(bool)).sum()) if "passed" in arr else 0,
             "engine_failures": failures,
             "tolerance": cell.tolerance.__dict__,
         }
@@ -121,7 +126,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     cols = ["cell", "checks", "tokens", "max_abs_p50", "max_abs_p99", "max_abs_max", "top_max_max",
-            "mean_abs_max", "abs_mean_max", "bias_excess_max", "boundary_tokens", "start_s", "run_s"]
+            "mean_abs_max", "abs_mean_max", "bias_excess_max", "boundary_tokens", "false_positives", "start_s", "run_s"]
     print("\n| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for row in rows:

@@ -17,6 +17,7 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 
 from conformance.engines.base import EngineFailure
+from conformance.findings import KnownFinding, match_finding
 from conformance.parity import ParityReport
 from conformance.runner import EngineFailureRecord, ParityRunner
 from conformance.strategies import Case
@@ -37,6 +38,17 @@ def engine_failure_message(record: EngineFailureRecord) -> str:
     return text
 
 
+def known_finding_for(runner: ParityRunner, failure: EngineFailure) -> KnownFinding | None:
+    """The known engine finding this failure is, for the runner's engine and version."""
+    from conformance.engines.vllm_offline import vllm_version
+
+    return match_finding(runner.cell.engine, vllm_version(), f"{failure.reason}\n{failure.log_tail}")
+
+
+MAX_KNOWN_FINDING_RESTARTS = 2
+"""A property restarts a crashed engine at most this often for *known* findings, then stops sending work."""
+
+
 def check_cases(
     runner: ParityRunner,
     cases: st.SearchStrategy[Case],
@@ -44,18 +56,26 @@ def check_cases(
     test: str,
     extra: Callable[[Case, ParityReport], None] | None = None,
 ) -> None:
-    """Property: for every drawn case the engine agrees with the contract (and ``extra`` holds)."""
+    """Property: for every drawn case the engine agrees with the contract (and ``extra`` holds).
+
+    An unknown engine failure stops the property and fails the test as an engine finding. A known
+    finding (see :mod:`conformance.findings`) is recorded with its parameters, the engine is restarted
+    and the property goes on (at most :data:`MAX_KNOWN_FINDING_RESTARTS` times).
+    """
     failures: list[EngineFailureRecord] = []
+    known: list[EngineFailureRecord] = []
 
     @settings
     @given(case=cases)
     def property_(case: Case) -> None:
-        if failures:
+        if failures or len(known) > MAX_KNOWN_FINDING_RESTARTS:
             return
         try:
             report = runner.run(case, test)
         except EngineFailure as exc:
-            failures.append(runner.engine_failure(case, exc, test))
+            finding = known_finding_for(runner, exc)
+            record = runner.engine_failure(case, exc, test, known=finding.id if finding else None)
+            (known if finding else failures).append(record)
             return
         note(report.explain())
         assert_parity(report)

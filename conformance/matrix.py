@@ -104,6 +104,9 @@ class Cell:
 
 
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9._+-]*$")
+# Set from the cell's own keys: an engine_kwargs override would desynchronise the tolerance class or
+# let generation_config="auto" change sampling defaults behind the test's back.
+_RESERVED_ENGINE_KWARGS = {"dtype", "logprobs_mode", "generation_config", "hf_overrides", "model", "seed"}
 
 
 def _check_type(value: Any, types: tuple[type, ...], where: str, key: str) -> None:
@@ -166,7 +169,12 @@ def _build_cell(raw: Mapping[str, Any], source: str, index: int) -> Cell:
     env = raw.get("env", {})
     for name, value in env.items():
         if not isinstance(value, str):
-            raise MatrixError(f"{where}: env.{name} must be a string, got {value!r}")
+            raise MatrixError(f"{where}: env[{name!r}] must be a string, got {value!r}")
+    reserved = sorted(set(raw.get("engine_kwargs", {})) & _RESERVED_ENGINE_KWARGS)
+    if reserved:
+        raise MatrixError(
+            f"{where}: engine_kwargs may not set {', '.join(reserved)}; the kit sets them from the cell's own keys"
+        )
     kwargs = {k: v for k, v in raw.items() if k not in ("env", "engine_kwargs", "tolerance")}
     cell = Cell(
         **kwargs,
@@ -196,9 +204,13 @@ def parse_matrix(data: Mapping[str, Any], source: str) -> list[Cell]:
     cells: list[Cell] = []
     seen: set[str] = set()
     for index, raw in enumerate(cells_raw):
+        if not isinstance(raw, dict):
+            raise MatrixError(f"{source}: cell #{index + 1} must be a table ([[cell]]), got {raw!r}")
         merged = {**defaults, **raw}
         for table in ("env", "engine_kwargs", "tolerance"):
             if table in defaults and table in raw:
+                if not isinstance(defaults[table], dict) or not isinstance(raw[table], dict):
+                    raise MatrixError(f"{source}: cell #{index + 1}: {table} must be a table in [defaults] and the cell")
                 merged[table] = {**defaults[table], **raw[table]}
         cell = _build_cell(merged, source, index)
         if cell.id in seen:

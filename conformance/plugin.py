@@ -107,7 +107,12 @@ def _resolve_config(config: pytest.Config) -> ParityConfig:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     cache = _option(config, "cache-dir")
-    cache_dir = Path(cache) if cache else Path(config.cache.mkdir("parity-models")) if config.cache else Path(".parity-cache")
+    if cache:
+        cache_dir = Path(cache)
+    elif getattr(config, "cache", None) is not None:
+        cache_dir = Path(config.cache.mkdir("parity-models"))
+    else:
+        cache_dir = config.rootpath / ".parity-cache"
     return ParityConfig(
         model=_option(config, "model"),
         matrix=Path(_option(config, "matrix")),
@@ -122,6 +127,44 @@ def _resolve_config(config: pytest.Config) -> ParityConfig:
     )
 
 
+def _check_model_spec(spec: str, where: str) -> None:
+    """Fail fast (without building variants) on a model spec that cannot resolve."""
+    from conformance.models import BUNDLED_MODEL, VARIANT_RECIPES
+
+    if spec in VARIANT_RECIPES:
+        return
+    path = BUNDLED_MODEL if spec == "bundled" else Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        known = ", ".join(["bundled", *VARIANT_RECIPES])
+        raise pytest.UsageError(
+            f"{where}: model {spec!r} not found: {path} is not a directory with config.json "
+            f"(use {known} or a local HF model directory)"
+        )
+
+
+def _validate(parity: ParityConfig) -> None:
+    """One-line usage errors for a bad matrix, cell selection or prompt file, before any test runs."""
+    try:
+        parity.selected_cells()
+    except MatrixError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    if not parity.prompts.is_file():
+        raise pytest.UsageError(f"--parity-prompts: prompt file not found: {parity.prompts}")
+
+
+def _validate_models(parity: ParityConfig) -> None:
+    """One-line usage errors for model specs; only checked when an engine-backed test was collected."""
+    _check_model_spec(parity.model, "--parity-model")
+    for cell in parity.selected_cells():
+        if cell.model != "bundled":
+            _check_model_spec(cell.model, f"{cell.source}: cell {cell.id!r}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if any("cell" in getattr(item, "fixturenames", ()) for item in items):
+        _validate_models(config.stash[CONFIG_KEY])
+
+
 def pytest_configure(config: pytest.Config) -> None:
     from conformance.runner import Recorder
     from conformance.strategies import register_profiles
@@ -131,6 +174,7 @@ def pytest_configure(config: pytest.Config) -> None:
     register_profiles()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parity = _resolve_config(config)
+    _validate(parity)
     config.stash[CONFIG_KEY] = parity
     recorder = Recorder(results_path=parity.results)
     config.stash[RECORDER_KEY] = recorder

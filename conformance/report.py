@@ -58,5 +58,6 @@ def summary_table(recorder: Any) -> str:
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     lines += ["| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |" for r in cells]
     for failure in recorder.engine_failures:
-        lines.append(f"engine failure in {failure.cell}: {failure.reason} (params: {failure.params})")
+        tag = f"known engine finding {failure.known}" if failure.known else "engine failure"
+        lines.append(f"{tag} in {failure.cell}: {failure.reason} (params: {failure.params})")
     return "\n".join(lines)

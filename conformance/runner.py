@@ -60,10 +60,13 @@ class PromptSet:
 
 @dataclass
 class EngineFailureRecord:
+    """An engine failure with what reproduces it; ``known`` is the id of a known finding it matches."""
+
     cell: str
     params: str
     reason: str
     log_tail: str
+    known: str | None = None
 
 
 class EngineHandle:
@@ -75,13 +78,21 @@ class EngineHandle:
         self.factory = factory
         self.failures: list[EngineFailureRecord] = []
         self._engine: Engine | None = None
+        self._start_failure: EngineFailure | None = None
 
     @property
     def engine(self) -> Engine:
+        """The running engine; a start failure is remembered and re-raised, never retried."""
+        if self._start_failure is not None:
+            raise self._start_failure
         if self._engine is not None and getattr(self._engine, "dead", False):
             self.close()
         if self._engine is None:
-            self._engine = self.factory(self.cell, self.model_path)
+            try:
+                self._engine = self.factory(self.cell, self.model_path)
+            except EngineFailure as exc:
+                self._start_failure = exc
+                raise
         return self._engine
 
     def close(self) -> None:
@@ -176,8 +187,12 @@ class ParityRunner:
         requests = self.requests(case)
         return self.judge(requests, self.generate(requests), test)
 
-    def engine_failure(self, case: Case, failure: EngineFailure, test: str = "") -> EngineFailureRecord:
-        record = EngineFailureRecord(self.cell.id, case.spec.describe(), failure.reason, failure.log_tail)
+    def engine_failure(
+        self, case: Case, failure: EngineFailure, test: str = "", known: str | None = None
+    ) -> EngineFailureRecord:
+        """Record an engine failure met while running ``case`` (prompts and spec reproduce it)."""
+        params = f"prompts={list(case.prompts)} {case.spec.describe()}"
+        record = EngineFailureRecord(self.cell.id, params, failure.reason, failure.log_tail, known)
         self.handle.failures.append(record)
         if self.recorder is not None:
             self.recorder.add_failure(test, record)

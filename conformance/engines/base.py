@@ -17,10 +17,15 @@ from conformance.contract import LogprobsMode, SamplingSpec, TokenContext
 
 @dataclass(frozen=True)
 class Request:
-    """One prompt (token ids) and its sampling parameters."""
+    """One prompt (token ids) and its sampling parameters.
+
+    ``prompt_logprobs``: also return the values of the top-k tokens at every prompt position (vLLM
+    returns them raw, T=1, whatever the logprobs mode); None for none.
+    """
 
     prompt_ids: tuple[int, ...]
     spec: SamplingSpec
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -37,6 +42,10 @@ class Sample:
     sampled_values: list[float | None]
     top_values: list[dict[int, float]] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_values: list[dict[int, float] | None] = field(default_factory=list)
+    """Per prompt position, token id -> value (the prompt token and the top-k); None at position 0."""
+    cached_tokens: int | None = None
+    """Prompt tokens served from the prefix cache, when the engine reports it."""
 
 
 class EngineFailure(RuntimeError):
@@ -80,4 +89,13 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Stop the engine and free its processes and memory; idempotent."""
+        ...
+
+
+@runtime_checkable
+class CachingEngine(Engine, Protocol):
+    """An engine with a prefix cache the suite can empty (for cold-versus-hit comparisons)."""
+
+    def reset_prefix_cache(self) -> None:
+        """Drop every cached prefix block."""
         ...

@@ -187,12 +187,27 @@ class VllmOfflineEngine:
             raise EngineFailure(f"cell {self.cell.id}: the engine is not running")
         return self._llm
 
-    def sampling_params(self, spec: SamplingSpec) -> Any:
+    def sampling_params(self, spec: SamplingSpec, prompt_logprobs: int | None = None) -> Any:
         from vllm import SamplingParams
 
         kwargs = spec.to_kwargs()
         kwargs["logprobs"] = spec.logprobs
+        if prompt_logprobs is not None:
+            kwargs["prompt_logprobs"] = prompt_logprobs
         return SamplingParams(**kwargs)
+
+    def reset_prefix_cache(self) -> None:
+        if not self.llm.reset_prefix_cache():
+            raise EngineFailure(f"cell {self.cell.id}: vLLM refused to reset the prefix cache")
+
+    def scheduler_budget(self) -> int | None:
+        """Prompt tokens one engine step takes (``max_num_batched_tokens``)."""
+        config = self.llm.llm_engine.vllm_config
+        return int(config.scheduler_config.max_num_batched_tokens)
+
+    def block_size(self) -> int:
+        """KV-cache block size of the running engine (prefix caching reuses whole blocks only)."""
+        return int(self.llm.llm_engine.vllm_config.cache_config.block_size)
 
     def token_context(self, request: Request) -> TokenContext:
         tokenizer = self.llm.get_tokenizer()
@@ -211,7 +226,7 @@ class VllmOfflineEngine:
             raise EngineFailure(f"cell {self.cell.id}: the engine died earlier in this session")
         prompts = [{"prompt_token_ids": list(r.prompt_ids)} for r in requests]
         try:
-            params = [self.sampling_params(r.spec) for r in requests]
+            params = [self.sampling_params(r.spec, r.prompt_logprobs) for r in requests]
         except Exception as exc:  # noqa: BLE001 - vLLM's own validation of the parameters
             raise EngineFailure(
                 f"cell {self.cell.id}: vLLM rejected the sampling parameters: {type(exc).__name__}: {exc}"
@@ -245,7 +260,12 @@ class VllmOfflineEngine:
                 values = {int(t): float(lp.logprob) for t, lp in (entry or {}).items()}
                 tops.append(values)
                 sampled.append(values.get(token))
-            samples.append(
-                Sample(tuple(request.prompt_ids), tokens, sampled, tops, completion.finish_reason)
-            )
+            sample = Sample(tuple(request.prompt_ids), tokens, sampled, tops, completion.finish_reason)
+            sample.cached_tokens = getattr(output, "num_cached_tokens", None)
+            if request.prompt_logprobs is not None:
+                sample.prompt_values = [
+                    None if entry is None else {int(t): float(lp.logprob) for t, lp in entry.items()}
+                    for entry in (output.prompt_logprobs or [])
+                ]
+            samples.append(sample)
         return samples

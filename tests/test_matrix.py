@@ -1,0 +1,202 @@
+"""Config matrices: the shipped CPU matrix loads, and every bad input is a one-line MatrixError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conformance.matrix import Cell, MatrixError, load_matrix, parse_matrix, select_cells
+
+CPU_MATRIX = Path(__file__).resolve().parents[1] / "conformance" / "fixtures" / "matrices" / "cpu.toml"
+
+GOOD_CELL = 'id = "a"\ndtype = "float32"\nlogprobs_mode = "processed_logprobs"\n'
+
+
+def _write(tmp_path: Path, text: str, name: str = "m.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _error(path: Path) -> str:
+    with pytest.raises(MatrixError) as info:
+        load_matrix(path)
+    message = str(info.value)
+    assert "\n" not in message, f"message is not one line: {message!r}"
+    assert str(path) in message, f"message does not name the file: {message!r}"
+    return message
+
+
+def test_shipped_cpu_matrix_loads() -> None:
+    cells = load_matrix(CPU_MATRIX)
+    assert [c.id for c in cells] == ["fp32-processed", "fp32-raw", "bf16-processed", "bf16-processed-head32"]
+    by_id = {c.id: c for c in cells}
+    assert by_id["fp32-processed"].dtype == "float32"
+    assert by_id["fp32-processed"].logprobs_mode == "processed_logprobs"
+    assert by_id["fp32-raw"].logprobs_mode == "raw_logprobs"
+    assert by_id["bf16-processed"].dtype == "bfloat16"
+    assert by_id["bf16-processed-head32"].head_dtype == "float32"
+    for cell in cells:
+        assert cell.tier == "cpu"
+        assert cell.env.get("VLLM_CPU_KVCACHE_SPACE") == "1"  # inherited from [defaults]
+        assert cell.source == str(CPU_MATRIX)
+        assert cell.purpose
+    assert by_id["fp32-processed"].precision == "cpu-float32"
+    assert by_id["bf16-processed"].precision == "cpu-bfloat16"
+    assert by_id["bf16-processed-head32"].precision == "cpu-bfloat16-head32"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        pytest.param("[[cell]]\n" + GOOD_CELL + "colour = 1\n", "colour", id="unknown-cell-key"),
+        pytest.param("[bogus]\nx = 1\n[[cell]]\n" + GOOD_CELL, "bogus", id="unknown-top-level-key"),
+        pytest.param("[[cell]]\n" + GOOD_CELL + 'max_model_len = "big"\n', "max_model_len", id="wrong-type"),
+        pytest.param("[[cell]]\n" + GOOD_CELL + "enforce_eager = 1\n", "enforce_eager", id="int-for-bool"),
+        pytest.param("[[cell]]\n" + GOOD_CELL + "seed = true\n", "seed", id="bool-for-int"),
+        pytest.param(
+            '[[cell]]\nid = "a"\ndtype = "float64"\nlogprobs_mode = "processed_logprobs"\n', "dtype", id="bad-dtype"
+        ),
+        pytest.param('[[cell]]\nid = "a"\ndtype = "float32"\nlogprobs_mode = "logprobs"\n', "logprobs_mode", id="bad-mode"),
+        pytest.param("[[cell]]\n" + GOOD_CELL + "[cell.tolerance]\nslack = 0.1\n", "slack", id="unknown-tolerance-key"),
+        pytest.param("[[cell]]\n" + GOOD_CELL + '[cell.tolerance]\nband = "x"\n', "band", id="bad-tolerance-value"),
+        pytest.param('[[cell]]\nid = "a"\ndtype = "float32"\n', "logprobs_mode", id="missing-required"),
+        pytest.param("[[cell]]\n" + GOOD_CELL + "max_num_seqs = 0\n", "max_num_seqs", id="non-positive"),
+        pytest.param("[[cell]]\n" + GOOD_CELL + "env = { A = 1 }\n", "env.A", id="env-not-string"),
+        pytest.param('[[cell]]\nid = "Has Space"\ndtype = "float32"\nlogprobs_mode = "raw_logprobs"\n', "id", id="bad-id"),
+        pytest.param("[defaults]\ncolour = 1\n[[cell]]\n" + GOOD_CELL, "colour", id="unknown-default-key"),
+        pytest.param("[[cell]]\n" + GOOD_CELL + "[[cell]]\n" + GOOD_CELL, "'a'", id="duplicate-id"),
+    ],
+)
+def test_bad_matrix_is_one_line_error_naming_file_and_key(tmp_path: Path, text: str, key: str) -> None:
+    message = _error(_write(tmp_path, text))
+    assert key in message
+
+
+def test_bad_value_names_the_cell(tmp_path: Path) -> None:
+    text = "[[cell]]\n" + GOOD_CELL + '[[cell]]\nid = "second"\ndtype = "int8"\nlogprobs_mode = "raw_logprobs"\n'
+    message = _error(_write(tmp_path, text))
+    assert "'second'" in message and "dtype" in message and "int8" in message
+
+
+def test_duplicate_id_message(tmp_path: Path) -> None:
+    message = _error(_write(tmp_path, "[[cell]]\n" + GOOD_CELL + "[[cell]]\n" + GOOD_CELL))
+    assert "duplicate" in message
+
+
+def test_unparsable_toml(tmp_path: Path) -> None:
+    message = _error(_write(tmp_path, "[[cell]]\nid = \n"))
+    assert "TOML" in message and "line 2" in message
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    message = _error(tmp_path / "nope.toml")
+    assert "not found" in message
+
+
+def test_no_cells(tmp_path: Path) -> None:
+    message = _error(_write(tmp_path, '[defaults]\ntier = "cpu"\n'))
+    assert "cell" in message
+
+
+def test_select_cells() -> None:
+    cells = load_matrix(CPU_MATRIX)
+    assert select_cells(cells, [], "cpu.toml") == cells
+    chosen = select_cells(cells, ["fp32-raw", "fp32-processed"], "cpu.toml")
+    assert [c.id for c in chosen] == ["fp32-processed", "fp32-raw"]  # matrix order
+    with pytest.raises(MatrixError) as info:
+        select_cells(cells, ["fp32-raw", "fp64-nope"], str(CPU_MATRIX))
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(CPU_MATRIX) in message and "fp64-nope" in message
+    assert "fp32-raw" in message  # lists the known cells
+
+
+def test_defaults_are_merged_and_tables_combined() -> None:
+    data = {
+        "defaults": {"tier": "cpu", "env": {"A": "1", "B": "2"}, "tolerance": {"max_abs": 0.5}, "seed": 3},
+        "cell": [
+            {"id": "x", "dtype": "bfloat16", "logprobs_mode": "processed_logprobs", "env": {"B": "9"}},
+            {"id": "y", "dtype": "float32", "logprobs_mode": "raw_logits", "seed": 7, "tolerance": {"band": 0.0}},
+        ],
+    }
+    x, y = parse_matrix(data, "mem.toml")
+    assert dict(x.env) == {"A": "1", "B": "9"}
+    assert x.seed == 3 and y.seed == 7
+    assert x.tolerance.max_abs == 0.5 and x.tolerance.band == 0.25
+    assert y.tolerance.max_abs == 0.5 and y.tolerance.band == 0.0
+
+
+def test_engine_kwargs_always_explicit() -> None:
+    cells = load_matrix(CPU_MATRIX)
+    extra = parse_matrix(
+        {
+            "cell": [
+                {
+                    "id": "tuned",
+                    "dtype": "float16",
+                    "logprobs_mode": "processed_logits",
+                    "max_num_seqs": 4,
+                    "enable_prefix_caching": False,
+                    "attention_backend": "CPU_ATTN",
+                    "engine_kwargs": {"swap_space": 0},
+                }
+            ]
+        },
+        "mem.toml",
+    )
+    for cell in [*cells, *extra]:
+        kwargs = cell.engine_kwargs()
+        assert kwargs["dtype"] == cell.dtype
+        assert kwargs["logprobs_mode"] == cell.logprobs_mode
+        assert kwargs["generation_config"] == "vllm"
+        assert ("hf_overrides" in kwargs) == (cell.head_dtype is not None)
+        if cell.head_dtype is not None:
+            assert kwargs["hf_overrides"] == {"head_dtype": cell.head_dtype}
+        assert "model" not in kwargs
+    by_id = {c.id: c for c in cells}
+    assert "hf_overrides" in by_id["bf16-processed-head32"].engine_kwargs()
+    assert "hf_overrides" not in by_id["bf16-processed"].engine_kwargs()
+    tuned = extra[0].engine_kwargs()
+    assert tuned["max_num_seqs"] == 4 and tuned["enable_prefix_caching"] is False
+    assert tuned["swap_space"] == 0
+    assert tuned["attention_config"] == {"backend": "CPU_ATTN"}
+    assert "block_size" not in tuned  # unset optionals are left to vLLM
+
+
+def test_cell_defaults() -> None:
+    cell = Cell(id="c", dtype="float32", logprobs_mode="raw_logprobs")
+    kwargs = cell.engine_kwargs()
+    assert kwargs["enforce_eager"] is True and kwargs["max_model_len"] == 1024
+
+
+# ---- known bugs in conformance/matrix.py (strict xfail: remove the marker once fixed) -------------------
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError, reason="matrix.py: a non-table [[cell]] entry raises TypeError")
+@pytest.mark.parametrize("text", ['cell = ["a"]\n', "cell = [1]\n"], ids=["string", "int"])
+def test_non_table_cell_is_matrix_error(tmp_path: Path, text: str) -> None:
+    _error(_write(tmp_path, text))
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError, reason="matrix.py: [defaults] env that is not a table raises TypeError")
+def test_non_table_default_env_is_matrix_error(tmp_path: Path) -> None:
+    _error(_write(tmp_path, '[defaults]\nenv = "x"\n[[cell]]\n' + GOOD_CELL + "env = { A = \"1\" }\n"))
+
+
+@pytest.mark.xfail(strict=True, reason="matrix.py: env.<name> is not repr()'d, a newline in the name splits the message")
+def test_env_name_with_newline_stays_one_line(tmp_path: Path) -> None:
+    _error(_write(tmp_path, "[[cell]]\n" + GOOD_CELL + 'env = { "A\\nB" = 1 }\n'))
+
+
+@pytest.mark.xfail(strict=True, reason="matrix.py: engine_kwargs can silently override dtype / logprobs_mode / generation_config")
+def test_engine_kwargs_cannot_override_explicit_keys(tmp_path: Path) -> None:
+    text = "[[cell]]\n" + GOOD_CELL + '[cell.engine_kwargs]\ndtype = "auto"\ngeneration_config = "auto"\n'
+    path = _write(tmp_path, text)
+    try:
+        cells = load_matrix(path)
+    except MatrixError:
+        return  # rejecting the override is a fix too
+    kwargs = cells[0].engine_kwargs()
+    assert kwargs["dtype"] == "float32" and kwargs["generation_config"] == "vllm"

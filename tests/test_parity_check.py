@@ -1,0 +1,275 @@
+"""check_parity on synthetic engine samples (no engine): clean samples pass, planted faults name their layer.
+
+Samples are drawn from the contract itself over random fp32 logits, so an engine that returns the
+contract's values is exactly conforming; each test then plants one fault in the returned values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from conformance import contract
+from conformance.contract import ProcessedDistribution, SamplingSpec, TokenContext
+from conformance.engines.base import Sample
+from conformance.parity import ParityReport, SequenceInput, check_parity
+from conformance.tolerances import DEFAULT_TOLERANCES
+
+FP32 = DEFAULT_TOLERANCES["cpu-float32"]
+BF16 = DEFAULT_TOLERANCES["cpu-bfloat16"]
+VOCAB = 48
+EOS = VOCAB - 1
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny tensors: OpenMP fan-out only costs time (badly so on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+ValueFn = Callable[[ProcessedDistribution, torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def processed(dist: ProcessedDistribution, raw: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return dist.logprobs
+
+
+def build(
+    spec: SamplingSpec,
+    values: ValueFn = processed,
+    *,
+    band: float = FP32.band,
+    sequences: int = 4,
+    positions: int = 8,
+    seed: int = 0,
+    top_n: int = 3,
+) -> list[SequenceInput]:
+    """Sequences sampled from the contract; the engine reports ``values(dist, raw)`` for every token."""
+    gen = torch.Generator().manual_seed(seed)
+    out: list[SequenceInput] = []
+    for _ in range(sequences):
+        raw = torch.randn(positions, VOCAB, generator=gen) * 2.5
+        prompt = tuple(torch.randint(0, VOCAB, (6,), generator=gen).tolist())
+        context = TokenContext(prompt, frozenset({EOS}))
+        ids: list[int] = []
+        for i in range(positions):
+            dist = contract.processed_distribution(raw[: i + 1], ids + [0], spec, context, band=band)
+            if spec.greedy:
+                token = int(dist.shaped[i].argmax())
+            else:
+                # only tokens that surely survive, so planted faults are the only problem
+                probs = torch.where(dist.sure[i], dist.logprobs[i].exp(), torch.zeros(VOCAB))
+                token = int(torch.multinomial(probs, 1, generator=gen))
+            ids.append(token)
+        dist = contract.processed_distribution(raw, ids, spec, context, band=band)
+        engine = values(dist, raw, gen)
+        sampled: list[float | None] = [float(engine[i, t]) for i, t in enumerate(ids)]
+        tops = []
+        for i in range(positions):
+            top = torch.topk(engine[i], top_n).indices.tolist()
+            tops.append({t: float(engine[i, t]) for t in {*top, ids[i]}})
+        sample = Sample(prompt, ids, sampled, tops, finish_reason="length")
+        out.append(SequenceInput(sample, raw, context))
+    return out
+
+
+def check(inputs: list[SequenceInput], spec: SamplingSpec, target="processed_logprobs", tolerance=FP32, **kw) -> ParityReport:
+    return check_parity(inputs, spec, target, tolerance, cell="fp32-processed", **kw)
+
+
+def failed(report: ParityReport, layer: str) -> str:
+    text = report.explain()
+    assert not report.passed, text
+    assert report.layer == layer, text
+    return " | ".join(report.reasons)
+
+
+SPECS = [
+    SamplingSpec(temperature=0.7),
+    SamplingSpec(temperature=1.0, top_p=0.8, top_k=20),
+    SamplingSpec(temperature=0.6, min_p=0.05, repetition_penalty=1.3, presence_penalty=0.4),
+    SamplingSpec(temperature=0.0, frequency_penalty=0.5, logit_bias=((3, 2.0),)),
+    SamplingSpec(temperature=0.005, top_k=5),
+    SamplingSpec(temperature=0.9, allowed_token_ids=tuple(range(0, VOCAB, 2)), min_tokens=4),
+]
+
+
+# ---- clean --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
+def test_clean_samples_pass(spec: SamplingSpec) -> None:
+    report = check(build(spec), spec)
+    assert report.passed, report.explain()
+    assert report.layer is None and report.reasons == []
+    assert report.metrics.n == 4 * 8
+    assert report.metrics.max_abs == 0.0
+    text = report.explain()
+    assert "passed" in text and "FAILED" not in text
+
+
+@pytest.mark.parametrize("mode", ["raw_logprobs", "raw_logits", "processed_logits"])
+def test_clean_other_modes_pass(mode: str) -> None:
+    spec = SamplingSpec(temperature=0.8, top_p=0.9)
+    inputs = build(spec, lambda d, raw, g: contract.mode_values(d, raw, mode))
+    report = check(inputs, spec, target=mode)
+    assert report.passed, report.explain()
+
+
+def test_bf16_sized_noise_passes_bf16_tolerance() -> None:
+    spec = SamplingSpec(temperature=1.0)
+    noisy = lambda d, raw, g: d.logprobs + torch.randn(d.logprobs.shape, generator=g) * 0.01  # noqa: E731
+    report = check(build(spec, noisy, band=BF16.band), spec, tolerance=BF16)
+    assert report.passed, report.explain()
+
+
+# ---- planted faults -----------------------------------------------------------------------------------
+
+
+def test_a_raw_logprobs_where_processed_expected() -> None:
+    spec = SamplingSpec(temperature=0.7)
+    inputs = build(spec, lambda d, raw, g: torch.log_softmax(raw, dim=-1))
+    report = check(inputs, spec)
+    why = failed(report, "semantic")
+    assert "raw_logprobs" in why
+    assert report.alternatives["raw_logprobs"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_b_not_renormalised_after_top_p() -> None:
+    # Without shaping, log_softmax(z/T) over the kept tokens is also exactly the 'temperature-only' value
+    # (and at T=1 the raw logprobs): a presence penalty makes "not renormalised" the only fitting meaning.
+    spec = SamplingSpec(temperature=0.8, top_p=0.5, presence_penalty=0.7)
+    inputs = build(spec, lambda d, raw, g: torch.log_softmax(d.scaled, dim=-1).masked_fill(~d.kept, -math.inf))
+    report = check(inputs, spec)
+    why = failed(report, "semantic")
+    assert "not renormalised" in why
+    assert report.metrics.mean_signed > 0  # expected (renormalised) is larger than the engine's
+
+
+def test_c_small_noise_is_inference_path() -> None:
+    spec = SamplingSpec(temperature=1.0, top_k=10)
+
+    def noisy(d: ProcessedDistribution, raw: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return d.logprobs + torch.randn(d.logprobs.shape, generator=g) * 1e-3
+
+    report = check(build(spec, noisy, sequences=6), spec)
+    why = failed(report, "inference-path")
+    assert "max |Δ|" in why
+    assert "systematic" not in why and "match" not in why
+
+
+def test_d_sampled_token_masked_by_top_k() -> None:
+    spec = SamplingSpec(temperature=1.0, top_k=1)
+    inputs = build(spec)
+    sample, raw = inputs[0].sample, inputs[0].raw_logits
+    # position 0 has an empty history: the argmax of the raw logits is the only survivor
+    wrong = int(raw[0].argmin())
+    sample.output_ids[0] = wrong
+    sample.sampled_values[0] = float(torch.log_softmax(raw[0], dim=-1)[wrong])
+    report = check(inputs, spec)
+    why = failed(report, "semantic")
+    assert "masked" in why and f"token {wrong}" in why
+
+
+def test_e_missing_sampled_value() -> None:
+    spec = SamplingSpec(temperature=0.7, top_p=0.9)
+    inputs = build(spec)
+    inputs[1].sample.sampled_values[3] = None
+    report = check(inputs, spec)
+    why = failed(report, "semantic")
+    assert "no value returned" in why and "seq 1 pos 3" in why
+
+
+def test_e_truncated_sampled_values() -> None:
+    spec = SamplingSpec(temperature=0.7)
+    inputs = build(spec)
+    del inputs[0].sample.sampled_values[-2:]
+    why = failed(check(inputs, spec), "semantic")
+    assert "no value returned" in why
+
+
+def test_f_temperature_only_trainer_with_top_p_is_objective() -> None:
+    spec = SamplingSpec(temperature=0.7, top_p=0.5)
+    inputs = build(spec)  # the engine returns exactly the processed logprobs
+    report = check(inputs, spec, target="temperature-only", trainer_declared=True)
+    why = failed(report, "objective")
+    assert "top_p" in why and "no engine can match" in why
+
+
+def test_f_undeclared_trainer_target_is_not_objective() -> None:
+    spec = SamplingSpec(temperature=0.7, top_p=0.5)
+    report = check(build(spec), spec, target="temperature-only", trainer_declared=False)
+    assert not report.passed
+    assert report.layer != "objective"
+
+
+def test_f_temperature_only_trainer_without_truncation_passes() -> None:
+    spec = SamplingSpec(temperature=0.7)
+    report = check(build(spec), spec, target="temperature-only", trainer_declared=True)
+    assert report.passed, report.explain()
+
+
+def test_greedy_token_not_argmax() -> None:
+    spec = SamplingSpec(temperature=0.0)
+    inputs = build(spec)
+    sample, raw = inputs[2].sample, inputs[2].raw_logits
+    wrong = int(raw[0].argmin())
+    sample.output_ids[0] = wrong
+    sample.sampled_values[0] = float(torch.log_softmax(raw[0], dim=-1)[wrong])
+    why = failed(check(inputs, spec), "semantic")
+    assert "not the argmax" in why
+
+
+def test_constant_offset_is_semantic() -> None:
+    spec = SamplingSpec(temperature=1.0)
+    report = check(build(spec, lambda d, raw, g: d.logprobs - 0.05), spec)
+    why = failed(report, "semantic")
+    assert "systematic offset" in why
+
+
+# ---- explain ------------------------------------------------------------------------------------------
+
+
+def test_g_explain() -> None:
+    spec = SamplingSpec(temperature=0.7, top_p=0.9)
+    clean = check(build(spec), spec, engine_description="synthetic engine")
+    assert clean.passed
+    text = clean.explain()
+    assert "passed" in text and "'fp32-processed'" in text and "synthetic engine" in text
+
+    bad_spec = SamplingSpec(temperature=0.7)
+    bad = check(build(bad_spec, lambda d, raw, g: torch.log_softmax(raw, dim=-1)), bad_spec, decode=lambda t: f"<{t}>")
+    text = bad.explain()
+    assert "FAILED [layer: semantic]" in text
+    assert "fp32-processed" in text
+    assert "params:" in text and "temperature=0.7" in text
+    assert "worst tokens" in text and "<" in text  # decoded token text
+    assert "metrics over 4 sequences:" in text and bad.metrics.summary() in text
+    assert "why:" in text and "raw_logprobs" in text
+    record = bad.as_record()
+    assert record["layer"] == "semantic" and record["passed"] is False
+    assert record["params"] == {"temperature": 0.7}
+    assert len(record["worst"]) == 5
+
+
+def test_report_is_independent_of_sample_order() -> None:
+    spec = SamplingSpec(temperature=0.7, top_k=12)
+    inputs = build(spec, lambda d, raw, g: torch.log_softmax(raw, dim=-1))
+    a = check(inputs, spec)
+    b = check(list(reversed(inputs)), spec)
+    assert (a.passed, a.layer) == (b.passed, b.layer)
+    assert a.metrics.mean_abs == pytest.approx(b.metrics.mean_abs)
+
+
+def test_helper_samples_only_surviving_tokens() -> None:
+    # guard for the helper itself: samples never include a token outside the contract's surviving set
+    spec = SamplingSpec(temperature=1.0, top_k=3, top_p=0.7)
+    for seq in build(spec):
+        dist = contract.processed_distribution(seq.raw_logits, seq.sample.output_ids, spec, seq.context)
+        for i, t in enumerate(seq.sample.output_ids):
+            assert bool(dist.kept[i, t])

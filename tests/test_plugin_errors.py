@@ -1,0 +1,67 @@
+"""Bad input gives a clear one-line error, never a traceback from deep inside (plugin end to end)."""
+
+from __future__ import annotations
+
+import pytest
+
+SUITE = ("-p", "conformance.plugin", "--pyargs", "conformance.suite", "-m", "parity", "-p", "no:cacheprovider")
+
+
+def _error_lines(result: pytest.RunResult) -> list[str]:
+    return [line for line in result.stderr.lines + result.stdout.lines if line.startswith("ERROR: ")]
+
+
+def _assert_one_line_usage_error(result: pytest.RunResult, *needles: str) -> None:
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str() + result.stderr.str()
+    lines = _error_lines(result)
+    assert len(lines) == 1, lines
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert "Traceback" not in result.stderr.str() + result.stdout.str()
+
+
+def test_missing_model_path(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_subprocess(*SUITE, "--parity-model", "/nonexistent/model")
+    _assert_one_line_usage_error(result, "--parity-model", "/nonexistent/model", "config.json")
+
+
+def test_unknown_matrix_key(pytester: pytest.Pytester) -> None:
+    path = pytester.path / "m.toml"
+    path.write_text('[[cell]]\nid = "a"\ndtype = "float32"\nlogprobs_mode = "raw_logprobs"\nprefix_cache = true\n')
+    result = pytester.runpytest_subprocess(*SUITE, "--parity-matrix", str(path))
+    _assert_one_line_usage_error(result, "m.toml", "cell 'a'", "unknown key 'prefix_cache'")
+
+
+def test_unparsable_toml(pytester: pytest.Pytester) -> None:
+    path = pytester.path / "broken.toml"
+    path.write_text("[[cell]\nid = ")
+    result = pytester.runpytest_subprocess(*SUITE, "--parity-matrix", str(path))
+    _assert_one_line_usage_error(result, "broken.toml", "not valid TOML")
+
+
+def test_unknown_cell_selection(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_subprocess(*SUITE, "--parity-cells", "fp64-magic")
+    _assert_one_line_usage_error(result, "no cell named 'fp64-magic'")
+
+
+def test_bad_trainer_semantics(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_subprocess(*SUITE, "--parity-trainer", "logits")
+    _assert_one_line_usage_error(result, "--parity-trainer", "processed")
+
+
+def test_cell_vllm_rejects_is_an_engine_failure(pytester: pytest.Pytester) -> None:
+    """max_model_len beyond the model's 1024 positions: vLLM refuses the config; the test fails with the
+    engine layer, a one-line reason and the log tail, without a Python traceback."""
+    path = pytester.path / "reject.toml"
+    path.write_text(
+        '[[cell]]\nid = "too-long"\ndtype = "float32"\nlogprobs_mode = "raw_logprobs"\nmax_model_len = 100000\n'
+    )
+    result = pytester.runpytest_subprocess(
+        *SUITE, "--parity-matrix", str(path), "-k", "test_logprobs_match_contract", "--parity-examples", "3"
+    )
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    headline = [line for line in out.splitlines() if "ENGINE FAILURE [layer: engine] in cell 'too-long'" in line]
+    assert len(headline) == 1, out
+    assert "vLLM rejected or failed to start the engine" in headline[0]
+    assert "Traceback" not in out
