@@ -240,84 +240,132 @@ def shape_logits(
     return logits
 
 
-def _count_above(sorted_desc: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """For each row, how many entries of ``sorted_desc`` (descending) are strictly greater than each value."""
-    ascending = sorted_desc.flip(-1)
-    return sorted_desc.shape[-1] - torch.searchsorted(ascending, values, right=True)
+def _min_p_keep(scaled: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Exact min_p survivors (vLLM MinPLogitsProcessor)."""
+    probs = torch.softmax(scaled, dim=-1)
+    return ~(probs < probs.amax(dim=-1, keepdim=True) * min_p)
 
 
-def _min_p_keep(scaled: torch.Tensor, min_p: float, shift: float) -> torch.Tensor:
-    """min_p survivors when each token's own logit is moved by ``shift`` (others fixed)."""
-    if min_p <= 0.0:
-        return torch.ones_like(scaled, dtype=torch.bool)
-    if shift == 0.0:
-        probs = torch.softmax(scaled, dim=-1)
-        return ~(probs < probs.amax(dim=-1, keepdim=True) * min_p)
-    top2 = torch.topk(scaled, 2, dim=-1).values
-    moved = scaled + shift
-    is_max = scaled >= top2[:, :1]
-    best_other = torch.where(is_max, top2[:, 1:2], top2[:, :1])
-    best = torch.maximum(best_other, moved)
-    return moved - best >= math.log(min_p)
-
-
-def _top_k_keep(values: torch.Tensor, k: int, shift: float) -> torch.Tensor:
-    """top-k survivors (ties at the k-th value kept) when each token's own value is moved by ``shift``."""
-    vocab = values.shape[-1]
-    if k <= 0 or k >= vocab:
+def _top_k_keep(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact top-k survivors: values at or above the k-th largest (ties at the k-th value kept)."""
+    if k >= values.shape[-1]:
         return torch.ones_like(values, dtype=torch.bool)
-    if shift == 0.0:
-        kth = torch.topk(values, k, dim=-1).values[:, -1:]
-        return values >= kth
-    sorted_desc = torch.sort(values, dim=-1, descending=True).values
-    moved = values + shift
-    above = _count_above(sorted_desc, moved)
-    if shift < 0:  # the token itself is now above its moved value
-        above = above - (values > moved).to(above.dtype)
-    return above < k
+    kth = torch.topk(values, k, dim=-1).values[:, -1:]
+    return values >= kth
 
 
-def _top_p_keep(values: torch.Tensor, p: float, shift: float) -> torch.Tensor:
-    """top-p survivors (vLLM's ascending-cumsum rule) when each token's own value is moved by ``shift``."""
-    if p >= 1.0:
-        return torch.ones_like(values, dtype=torch.bool)
-    if shift == 0.0:
-        sorted_vals, order = torch.sort(values, dim=-1, descending=False)
-        probs = torch.softmax(sorted_vals, dim=-1)
-        cum = torch.cumsum(probs, dim=-1)
-        drop = cum <= 1 - p
-        drop[:, -1] = False
-        keep_sorted = ~drop
-        return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-    # Mass ranked strictly above token i after moving its own value, normalised with the moved value.
-    sorted_desc, _ = torch.sort(values, dim=-1, descending=True)
-    row_max = sorted_desc[:, :1]
-    exp_sorted = torch.exp(sorted_desc - row_max)
-    prefix = torch.cat([torch.zeros_like(exp_sorted[:, :1]), torch.cumsum(exp_sorted, dim=-1)], dim=-1)
-    moved = values + shift
-    above = _count_above(sorted_desc, moved)
-    mass_above = torch.gather(prefix, -1, above)
-    own = torch.exp(values - row_max)
-    if shift < 0:
-        mass_above = mass_above - torch.where(values > moved, own, torch.zeros_like(own))
-    total = prefix[:, -1:] - own + torch.exp(moved - row_max)
-    keep = mass_above / total < p
-    return keep | (above == 0)
+def _top_p_keep(values: torch.Tensor, p: float) -> torch.Tensor:
+    """Exact top-p survivors, vLLM's rule: sort ascending, drop where the cumulative mass <= 1 - p,
+    never the last (most probable) entry."""
+    sorted_vals, order = torch.sort(values, dim=-1, descending=False)
+    cum = torch.cumsum(torch.softmax(sorted_vals, dim=-1), dim=-1)
+    drop = cum <= 1 - p
+    drop[:, -1] = False
+    return torch.zeros_like(drop).scatter(-1, order, ~drop)
 
 
-def _survivors(scaled: torch.Tensor, spec: SamplingSpec, shift: float) -> torch.Tensor:
-    """min_p -> top_k -> top_p survivors; each stage sees the reference survivors of the previous one."""
-    finite = torch.isfinite(scaled)
+def _survivors(scaled: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
+    """Exact min_p -> top_k -> top_p survivors of the scaled logits (steps 8-10)."""
+    keep = torch.isfinite(scaled)
     if not spec.truncates:
-        return finite
-    keep = finite & _min_p_keep(scaled, spec.min_p, shift)
-    stage = scaled.masked_fill(~_min_p_keep(scaled, spec.min_p, 0.0), float("-inf"))
+        return keep
+    stage = scaled
+    if spec.min_p > 0.0:
+        keep &= _min_p_keep(stage, spec.min_p)
+        stage = scaled.masked_fill(~keep, float("-inf"))
     if spec.top_k > 0:
-        keep &= _top_k_keep(stage, spec.top_k, shift)
-        stage = stage.masked_fill(~_top_k_keep(stage, spec.top_k, 0.0), float("-inf"))
+        keep &= _top_k_keep(stage, spec.top_k)
+        stage = scaled.masked_fill(~keep, float("-inf"))
     if spec.top_p < 1.0:
-        keep &= _top_p_keep(stage, spec.top_p, shift)
+        keep &= _top_p_keep(stage, spec.top_p)
     return keep
+
+
+# -- precision bands -------------------------------------------------------------------------------------
+# Each token's membership is decided against *competitors* (the survivors of the previous stage). Under a
+# perturbation of every scaled logit by at most ``s/2`` the gap between any two tokens moves by at most
+# ``s``. "Maybe" takes the perturbation most favourable to the token (itself up, competitors above it
+# down, fewest competitors), "sure" the least favourable one (most competitors).
+
+
+def _above(competitors: torch.Tensor, own: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token: how many competitors (other than itself) are strictly above ``threshold``, and their
+    summed ``exp(value - row max)``."""
+    sorted_desc = torch.sort(competitors, dim=-1, descending=True).values
+    row_max = sorted_desc[:, :1].clamp_min(-1e30)
+    weights = torch.exp(sorted_desc - row_max)
+    prefix = torch.cat([torch.zeros_like(weights[:, :1]), torch.cumsum(weights, dim=-1)], dim=-1)
+    count = sorted_desc.shape[-1] - torch.searchsorted(sorted_desc.flip(-1).contiguous(), threshold.contiguous(), right=True)
+    mass = torch.gather(prefix, -1, count)
+    self_counted = torch.isfinite(competitors) & (competitors > threshold)
+    own_weight = torch.exp(competitors - row_max).nan_to_num(0.0)
+    return count - self_counted.to(count.dtype), mass - torch.where(self_counted, own_weight, torch.zeros_like(mass))
+
+
+def _mass(competitors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    row_max = competitors.amax(dim=-1, keepdim=True).clamp_min(-1e30)
+    return torch.exp(competitors - row_max).sum(dim=-1, keepdim=True), row_max
+
+
+def _band_min_p(scaled: torch.Tensor, min_p: float, shift: float) -> torch.Tensor:
+    """min_p survivors when the token's gap to the best other token moves by ``shift``."""
+    top2 = torch.topk(scaled, min(2, scaled.shape[-1]), dim=-1).values
+    best_other = torch.where(scaled >= top2[:, :1], top2[:, -1:], top2[:, :1])
+    moved = scaled + shift
+    return moved - torch.maximum(best_other, moved) >= math.log(min_p)
+
+
+def _band_top_k(own: torch.Tensor, competitors: torch.Tensor, k: int, shift: float) -> torch.Tensor:
+    count, _ = _above(competitors, own, own + shift)
+    return count < k
+
+
+def _band_top_p(own: torch.Tensor, above_set: torch.Tensor, norm_set: torch.Tensor, p: float, shift: float) -> torch.Tensor:
+    """Mass strictly above the token (competitors in ``above_set``), its gap moved by ``shift``, over the
+    total mass of ``norm_set`` plus the token itself; kept while that fraction is < p."""
+    _, mass_above = _above(above_set, own, own + shift)
+    # _above's weights are relative to above_set's row max; bring everything to norm_set's scale.
+    above_max = above_set.amax(dim=-1, keepdim=True).clamp_min(-1e30)
+    total, norm_max = _mass(norm_set)
+    mass_above = mass_above * torch.exp(above_max - norm_max)
+    own_w = torch.exp(own - norm_max).nan_to_num(0.0)
+    in_norm = torch.isfinite(norm_set)
+    rest = total - torch.where(in_norm, own_w, torch.zeros_like(own_w)) - mass_above + own_w
+    scaled_above = mass_above * math.exp(-shift)
+    fraction = scaled_above / (scaled_above + rest).clamp_min(1e-300)
+    return fraction < p
+
+
+def _band_survivors(scaled: torch.Tensor, spec: SamplingSpec, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sure, maybe) survivors when any two scaled logits may move relative to each other by ``shift``."""
+    finite = torch.isfinite(scaled)
+    sure, maybe = finite.clone(), finite.clone()
+    if spec.min_p > 0.0:
+        sure &= _band_min_p(scaled, spec.min_p, -shift)
+        maybe &= _band_min_p(scaled, spec.min_p, +shift)
+    if spec.top_k > 0 and spec.top_k < scaled.shape[-1]:
+        fewest = scaled.masked_fill(~sure, float("-inf"))
+        most = scaled.masked_fill(~maybe, float("-inf"))
+        sure = sure & _band_top_k(scaled, most, spec.top_k, -shift)
+        maybe = maybe & _band_top_k(scaled, fewest, spec.top_k, +shift)
+    if spec.top_p < 1.0:
+        fewest = scaled.masked_fill(~sure, float("-inf"))
+        most = scaled.masked_fill(~maybe, float("-inf"))
+        new_sure = sure & _band_top_p(scaled, most, most, spec.top_p, -shift)
+        maybe = maybe & _band_top_p(scaled, fewest, most, spec.top_p, +shift)
+        sure = new_sure
+    return sure, maybe
+
+
+def band_shift(spec: SamplingSpec, band: float) -> float:
+    """Largest relative move of two scaled logits for raw logits each off by at most ``band``.
+
+    Two tokens move apart by up to ``2 * band``; a repetition penalty r multiplies (or divides) the
+    logits of seen tokens, scaling their error by ``max(r, 1/r)``; temperature divides by T.
+    """
+    r = spec.repetition_penalty
+    factor = max(r, 1.0 / r) if r > 0 else 1.0
+    return 2.0 * band * factor / spec.effective_temperature
 
 
 def processed_distribution(
@@ -330,18 +378,14 @@ def processed_distribution(
     """Apply the whole contract (steps 1-11) to one sequence's fp32 raw logits ``[positions, vocab]``.
 
     ``band`` is the largest raw-logit error the cell's precision allows; it only widens ``sure`` /
-    ``maybe`` (a relative shift of ``2 * band / T`` between a token and the others), never ``logprobs``.
+    ``maybe`` (see :func:`band_shift`), never ``logprobs``.
     """
     shaped = shape_logits(raw_logits, output_ids, spec, context)
-    if spec.greedy:
-        scaled = shaped
-    else:
-        scaled = shaped / spec.effective_temperature
-    kept = _survivors(scaled, spec, 0.0)
+    scaled = shaped if spec.greedy else shaped / spec.effective_temperature
+    kept = _survivors(scaled, spec)
     if band > 0.0 and spec.truncates:
-        shift = 2.0 * band / spec.effective_temperature
-        sure = kept & _survivors(scaled, spec, -shift)
-        maybe = kept | _survivors(scaled, spec, +shift)
+        sure, maybe = _band_survivors(scaled, spec, band_shift(spec, band))
+        sure, maybe = sure & kept, maybe | kept
     else:
         sure, maybe = kept, kept
     logprobs = torch.log_softmax(scaled.masked_fill(~kept, float("-inf")), dim=-1)

@@ -59,6 +59,7 @@ _TINY_BASE: dict[str, Any] = {
     "num_attention_heads": 2,
     "num_key_value_heads": 2,
     "max_position_embeddings": 1024,
+    "rope_theta": 10000.0,
     "rms_norm_eps": 1e-6,
     "tie_word_embeddings": False,
     "bos_token_id": 0,
@@ -83,14 +84,15 @@ class ModelRecipe:
         init_std: Standard deviation of the normal init of every weight matrix,
             embedding and bias (norm weights are ``1 + N(0, init_std)``).  Large
             compared with a real init (0.02) so that next-token distributions
-            are peaked rather than nearly uniform.
+            are peaked rather than nearly uniform: at 0.22 the tiny variants'
+            mean next-token entropy is ~4.5 nats (vs ln(2048) = 7.6).
     """
 
     name: str
     family: Family
     config_overrides: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
-    init_std: float = 0.1
+    init_std: float = 0.22
 
     def __post_init__(self) -> None:
         if self.family not in _ARCHITECTURES:
@@ -125,21 +127,21 @@ VARIANT_RECIPES: dict[str, ModelRecipe] = {
             family="llama",
             config_overrides={"tie_word_embeddings": True, "head_dim": 64},
             seed=1,
-            init_std=0.1,
+            init_std=0.22,
         ),
         ModelRecipe(
             name="qwen2-bias",
             family="qwen2",
             config_overrides={},  # Qwen2 always has q/k/v biases; the init makes them nonzero
             seed=2,
-            init_std=0.1,
+            init_std=0.22,
         ),
         ModelRecipe(
             name="gqa-llama",
             family="llama",
             config_overrides={"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32},
             seed=3,
-            init_std=0.1,
+            init_std=0.22,
         ),
     )
 }

@@ -104,7 +104,16 @@ class VllmOfflineEngine:
         self.dead = False
         self._llm: Any = None
         self._pids_before = set(_child_pids())
-        self._start()
+        # The cell's environment stays set for the engine's whole life: vLLM reads some variables lazily
+        # in this process too (VLLM_ALLOW_INSECURE_SERIALIZATION decides how utility results decode; an
+        # engine started with it and read without it hangs on the first collective_rpc/reset call).
+        self._env_scope = contextlib.ExitStack()
+        self._env_scope.enter_context(_environment(self._env()))
+        try:
+            self._start()
+        except BaseException:
+            self._env_scope.close()
+            raise
 
     # -- life cycle -----------------------------------------------------------------------------------
     def _env(self) -> dict[str, str]:
@@ -129,7 +138,7 @@ class VllmOfflineEngine:
             except BaseException as exc:  # noqa: BLE001 - reported as the engine's failure
                 result["error"] = exc
 
-        with _environment(self._env()), _fds_to(self.log_path):
+        with _fds_to(self.log_path):
             thread = threading.Thread(target=construct, name=f"start-{self.cell.id}", daemon=True)
             thread.start()
             thread.join(self.cell.start_timeout_s)
@@ -170,6 +179,7 @@ class VllmOfflineEngine:
                 llm.llm_engine.engine_core.shutdown()
             del llm
         self._cleanup_processes()
+        self._env_scope.close()
 
     # -- engine protocol ------------------------------------------------------------------------------
     @property
