@@ -51,22 +51,13 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
-LogprobsMode = Literal["raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits"]
-LOGPROBS_MODES: tuple[LogprobsMode, ...] = (
-    "raw_logprobs",
-    "raw_logits",
-    "processed_logprobs",
-    "processed_logits",
-)
-TrainerSemantics = Literal["processed", "temperature-only", "raw"]
-TRAINER_SEMANTICS: tuple[TrainerSemantics, ...] = ("processed", "temperature-only", "raw")
+from conformance.modes import LOGPROBS_MODES, TRAINER_SEMANTICS, LogprobsMode, TrainerSemantics
 
 SAMPLING_EPS = 1e-5
-"""Temperatures below this are greedy (vLLM ``_SAMPLING_EPS``)."""
+"""vLLM's greedy threshold (``_SAMPLING_EPS``), tested after the 0.01 clamp: only T == 0 is greedy."""
 MIN_TEMPERATURE = 1e-2
 """Temperatures in (0, MIN_TEMPERATURE) are clamped up to it (vLLM ``_MAX_TEMP``)."""
 

@@ -18,9 +18,8 @@ from typing import Any, cast
 
 import pytest
 
-from conformance.contract import TRAINER_SEMANTICS, TrainerSemantics
+from conformance.modes import PROFILES, TRAINER_SEMANTICS, TrainerSemantics
 from conformance.matrix import Cell, MatrixError, load_matrix, select_cells
-from conformance.strategies import PROFILES
 
 FIXTURES = Path(__file__).parent / "fixtures"
 DEFAULT_MATRIX = FIXTURES / "matrices" / "cpu.toml"
@@ -39,6 +38,7 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("trainer", {"default": "", "help": "what the trainer computes: " + ", ".join(TRAINER_SEMANTICS) + " (default: each cell's own logprobs mode)"}),
     ("profile", {"default": "ci", "help": "hypothesis profile: " + ", ".join(PROFILES)}),
     ("examples", {"default": "", "help": "override the profile's examples per test"}),
+    ("shrink", {"default": "true", "help": "shrink failing examples to minimal parameters (false: report the first failure as drawn)"}),
     ("prompts", {"default": str(DEFAULT_PROMPTS), "help": "JSON list of prompt texts"}),
     ("results", {"default": "", "help": "append one JSON record per check to this file"}),
     ("device", {"default": "", "help": "reference device (default: cuda when available, else cpu)"}),
@@ -56,6 +56,7 @@ class ParityConfig:
     trainer: TrainerSemantics | None
     profile: str
     examples: int | None
+    shrink: bool
     prompts: Path
     results: Path | None
     device: str
@@ -100,6 +101,9 @@ def _resolve_config(config: pytest.Config) -> ParityConfig:
         examples = int(examples_text) if examples_text else None
     except ValueError:
         raise pytest.UsageError(f"--parity-examples {examples_text!r}: expected an integer") from None
+    shrink_text = _option(config, "shrink").lower()
+    if shrink_text not in ("true", "false", "1", "0", "yes", "no"):
+        raise pytest.UsageError(f"--parity-shrink {shrink_text!r}: expected true or false")
     results = _option(config, "results")
     device = _option(config, "device")
     if not device:
@@ -120,6 +124,7 @@ def _resolve_config(config: pytest.Config) -> ParityConfig:
         trainer=cast(TrainerSemantics | None, trainer),
         profile=profile,
         examples=examples,
+        shrink=shrink_text in ("true", "1", "yes"),
         prompts=Path(_option(config, "prompts")),
         results=Path(results) if results else None,
         device=device,
@@ -340,9 +345,13 @@ def parity_settings(parity_config: ParityConfig) -> Any:
     """Hypothesis settings of the selected profile (applied to the suite's tests only)."""
     from hypothesis import settings
 
+    from hypothesis import Phase
+
     base = settings.get_profile(f"parity-{parity_config.profile}")
     if parity_config.examples is not None:
-        return settings(base, max_examples=parity_config.examples)
+        base = settings(base, max_examples=parity_config.examples)
+    if not parity_config.shrink:
+        base = settings(base, phases=[p for p in base.phases if p is not Phase.shrink])
     return base
 
 

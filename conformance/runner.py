@@ -69,6 +69,13 @@ class EngineFailureRecord:
     known: str | None = None
 
 
+def _prompt_list(prompts: Sequence[int]) -> str:
+    """``[3, 8]``, or ``[12]*206`` for one prompt repeated."""
+    if len(prompts) > 8 and len(set(prompts)) == 1:
+        return f"[{prompts[0]}]*{len(prompts)}"
+    return str(list(prompts))
+
+
 class EngineHandle:
     """The engine of one cell: started on first use, restarted after it died, closed once."""
 
@@ -191,7 +198,7 @@ class ParityRunner:
         self, case: Case, failure: EngineFailure, test: str = "", known: str | None = None
     ) -> EngineFailureRecord:
         """Record an engine failure met while running ``case`` (prompts and spec reproduce it)."""
-        params = f"prompts={list(case.prompts)} {case.spec.describe()}"
+        params = f"prompts={_prompt_list(case.prompts)} {case.spec.describe()}"
         record = EngineFailureRecord(self.cell.id, params, failure.reason, failure.log_tail, known)
         self.handle.failures.append(record)
         if self.recorder is not None:

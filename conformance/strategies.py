@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from conformance.contract import SamplingSpec
+from conformance.modes import PROFILES
 
-PROFILES: dict[str, int] = {"dev": 15, "ci": 100, "nightly": 500}
 
 
 def register_profiles() -> None:

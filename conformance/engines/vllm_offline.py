@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -246,11 +247,20 @@ class VllmOfflineEngine:
         except Exception as exc:  # noqa: BLE001 - any engine exception is a finding about the engine
             self.dead = self._engine_is_dead(exc)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            tail = self.log_tail()
+            cause = self.root_cause(tail)
             raise EngineFailure(
-                f"cell {self.cell.id}: engine failed during generate: {type(exc).__name__}: {first}",
-                self.log_tail(),
+                f"cell {self.cell.id}: engine failed during generate: {type(exc).__name__}: {first}"
+                + (f" (root cause: {cause})" if cause else ""),
+                tail,
             ) from None
         return [self._samples(req, out) for req, out in zip(requests, outputs, strict=True)]
+
+    @staticmethod
+    def root_cause(log_tail: str) -> str:
+        """The last ``SomethingError: message`` line of the engine's log (the worker's real error)."""
+        causes = re.findall(r"\b([A-Z][A-Za-z]*(?:Error|Exception)): (.+)$", log_tail, flags=re.M)
+        return f"{causes[-1][0]}: {causes[-1][1].strip()}" if causes else ""
 
     @staticmethod
     def _engine_is_dead(exc: Exception) -> bool:

@@ -19,6 +19,8 @@ from conformance.strategies import Case
 
 pytestmark = pytest.mark.parity
 
+PROMPT_TOKENS = 40
+
 
 def _token_budget(runner: Any) -> int | None:
     budget = getattr(runner.handle.engine, "scheduler_budget", None)
@@ -31,14 +33,15 @@ def test_seeded_requests_with_split_prefill(parity_runner: Any) -> None:
     budget = _token_budget(parity_runner)
     if budget is None:
         pytest.skip("the engine does not expose its per-step token budget (max_num_batched_tokens)")
+    # Many short prompts (as an RL rollout batch): the step fills up and a later prompt's prefill is split.
     longest = max(range(len(parity_runner.prompts.ids)), key=lambda i: len(parity_runner.prompts.ids[i]))
-    prompt = parity_runner.prompts.ids[longest]
+    prompt = parity_runner.prompts.ids[longest][:PROMPT_TOKENS]
     copies = math.ceil(2 * budget / len(prompt)) + 1
     requests = [
         Request(prompt, SamplingSpec(temperature=0.8, seed=seed, max_tokens=4, logprobs=1)) for seed in range(copies)
     ]
     repro = (
-        f"{copies} requests of prompt #{longest} ({len(prompt)} tokens), seeds 0..{copies - 1}, "
+        f"{copies} requests of the first {len(prompt)} tokens of prompt #{longest}, seeds 0..{copies - 1}, "
         f"temperature=0.8, max_tokens=4, max_num_batched_tokens={budget}"
     )
     try:
