@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 HERE = Path(__file__).resolve().parent
 
@@ -54,7 +55,7 @@ def main() -> None:
     for cell in cells:
         model = resolve_model(args.model if cell.model == "bundled" else cell.model, cache)
         tokenizer = AutoTokenizer.from_pretrained(model)
-        reference = HFReference(model)
+        reference = HFReference(model, device="cuda" if torch.cuda.is_available() else "cpu")
         prompts = PromptSet.load(DEFAULT_PROMPTS, tokenizer)
         vocab = vocabulary_from_tokenizer(tokenizer, reference.vocab_size)
         handle = EngineHandle(cell, model)

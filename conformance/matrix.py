@@ -62,10 +62,16 @@ class Cell:
     attention_backend: str | None = None
     seed: int = 0
     start_timeout_s: float = 300.0
+    families: tuple[str, ...] | None = None
+    """Test families this cell runs (``semantic``, ``inference-path``, ``stress``, ...); None: all."""
     env: Mapping[str, str] = field(default_factory=dict)
     extra_engine_kwargs: Mapping[str, Any] = field(default_factory=dict)
     tolerance_overrides: Mapping[str, float] = field(default_factory=dict)
     source: str = "<memory>"
+
+    def runs(self, family: str | None) -> bool:
+        """Whether tests of ``family`` run in this cell (untagged tests run everywhere)."""
+        return family is None or self.families is None or family in self.families
 
     @property
     def precision(self) -> str:
@@ -139,7 +145,9 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "env": (dict,),
     "engine_kwargs": (dict,),
     "tolerance": (dict,),
+    "families": (list,),
 }
+FAMILIES = ("semantic", "inference-path", "stress")
 _CHOICES: dict[str, tuple[str, ...]] = {
     "tier": TIERS,
     "engine": ENGINES,
@@ -175,12 +183,18 @@ def _build_cell(raw: Mapping[str, Any], source: str, index: int) -> Cell:
         raise MatrixError(
             f"{where}: engine_kwargs may not set {', '.join(reserved)}; the kit sets them from the cell's own keys"
         )
-    kwargs = {k: v for k, v in raw.items() if k not in ("env", "engine_kwargs", "tolerance")}
+    families = raw.get("families")
+    if families is not None:
+        unknown = [f for f in families if f not in FAMILIES]
+        if unknown or not families:
+            raise MatrixError(f"{where}: families must be a non-empty list of {', '.join(FAMILIES)}, got {families!r}")
+    kwargs = {k: v for k, v in raw.items() if k not in ("env", "engine_kwargs", "tolerance", "families")}
     cell = Cell(
         **kwargs,
         env=dict(env),
         extra_engine_kwargs=dict(raw.get("engine_kwargs", {})),
         tolerance_overrides=dict(raw.get("tolerance", {})),
+        families=tuple(families) if families is not None else None,
         source=source,
     )
     try:

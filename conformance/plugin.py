@@ -29,6 +29,7 @@ MARKERS = {
     "parity": "conformance test against a real engine (starts engines; select with -m parity)",
     "gpu": "needs a CUDA GPU; skipped with the reason elsewhere",
     "selftest": "the kit's own fault-injection self-tests (start real engines)",
+    "family": "family(name): the test family; a cell's `families` key selects which families it runs",
 }
 
 _OPTIONS: list[tuple[str, dict[str, Any]]] = [
@@ -195,11 +196,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         cells = parity.selected_cells()
     except MatrixError as exc:
         raise pytest.UsageError(str(exc)) from None
-    wanted = getattr(metafunc.function, "parity_cell_filter", None)
+    marker = metafunc.definition.get_closest_marker("family")
+    family = marker.args[0] if marker is not None and marker.args else None
     params = []
     for cell in cells:
         marks = []
-        if wanted is not None and not wanted(cell):
+        if not cell.runs(family):
             continue
         if cell.tier == "gpu":
             marks.append(pytest.mark.gpu)

@@ -13,10 +13,12 @@ A cell's precision class is ``<tier>-<dtype>[-head32]``. Each :class:`Tolerance`
   Gaussian noise). A raw-vs-processed mix-up at T=0.7 gives |mean Δ| of 0.3-1 nat; bf16 noise gives
   a few thousandths.
 
-fp32 on the CPU is exact to ~1e-5 (measured ≤ 9e-6 max |Δ|), so its bounds sit one order above that and
-leave room only for real bugs. bf16 bounds come from ``benchmarks/noise.py`` over clean runs: the bound
-is the worst value seen over all clean checks times a safety factor of 2 (rounded up), which gave 0
-false positives over the clean runs documented in docs/tolerances.md.
+Derivation (docs/tolerances.md): ``benchmarks/noise.py`` runs clean engines over the suite's own
+hypothesis cases and records each metric per check, normalised to T >= 1. A bound is at least twice the
+worst value seen over all clean checks (usually 3-6x), which gave 0 false positives in those runs; by the
+rule of three that bounds the per-check false-positive rate below 3% at 95% confidence for 100 checks,
+and the suite's repeated clean runs (issue 7) tighten it further. fp32 on the CPU is exact to ~2e-5, so
+its bounds leave room only for real bugs.
 """
 
 from __future__ import annotations
@@ -46,19 +48,24 @@ class Tolerance:
 
 
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
-    # CPU fp32: measured max |Δ| ≤ 1e-5 (docs/tolerances.md); issue 2 asks ≤ 1e-4.
-    "cpu-float32": Tolerance(band=1e-4, max_abs=1e-4, mean_abs=1e-5, bias=1e-5),
-    # CPU bf16 (bf16 weights, activations and lm_head): measured in docs/tolerances.md.
-    "cpu-bfloat16": Tolerance(band=0.25, max_abs=0.6, mean_abs=0.06, bias=0.02),
-    "cpu-bfloat16-head32": Tolerance(band=0.25, max_abs=0.6, mean_abs=0.06, bias=0.02),
-    "cpu-float16": Tolerance(band=0.1, max_abs=0.3, mean_abs=0.03, bias=0.01),
-    "cpu-float16-head32": Tolerance(band=0.1, max_abs=0.3, mean_abs=0.03, bias=0.01),
-    # GPU fp32 runs TRITON_ATTN with TF32 dot products: max |Δ| ≈ 2e-2 measured on an H100.
-    "gpu-float32": Tolerance(band=0.05, max_abs=0.1, mean_abs=0.01, bias=0.005),
-    "gpu-bfloat16": Tolerance(band=0.25, max_abs=0.6, mean_abs=0.06, bias=0.02),
-    "gpu-bfloat16-head32": Tolerance(band=0.25, max_abs=0.6, mean_abs=0.06, bias=0.02),
-    "gpu-float16": Tolerance(band=0.1, max_abs=0.3, mean_abs=0.03, bias=0.01),
-    "gpu-float16-head32": Tolerance(band=0.1, max_abs=0.3, mean_abs=0.03, bias=0.01),
+    # Measured worst over 100 clean checks per cell (benchmarks/noise.py, docs/tolerances.md), in T >= 1
+    # units. fp32 CPU: max |Δ| 1.8e-5, mean |Δ| 8.1e-6 -> bounds 5.7x and 3.7x above.
+    "cpu-float32": Tolerance(band=1e-4, max_abs=1e-4, mean_abs=3e-5, bias=2e-5),
+    # bf16 CPU: max |Δ| 0.103 (processed) / 0.093 (raw top-n), mean |Δ| 0.032; raw-logit error of the
+    # top-n ~0.09, so the band (0.25) covers it 2.7x.
+    "cpu-bfloat16": Tolerance(band=0.25, max_abs=0.6, mean_abs=0.07, bias=0.02),
+    "cpu-bfloat16-head32": Tolerance(band=0.25, max_abs=0.6, mean_abs=0.07, bias=0.02),
+    # fp16 has not been measured here; bf16's bounds scaled by its 8x finer mantissa would be too tight
+    # to trust without data, so fp16 cells reuse the bf16 bounds until measured.
+    "cpu-float16": Tolerance(band=0.25, max_abs=0.6, mean_abs=0.07, bias=0.02),
+    "cpu-float16-head32": Tolerance(band=0.25, max_abs=0.6, mean_abs=0.07, bias=0.02),
+    # GPU fp32 (H200, vLLM 0.26.0, TRITON_ATTN): max |Δ| 3.4e-3, mean |Δ| 9.6e-4 over 30 checks.
+    "gpu-float32": Tolerance(band=0.01, max_abs=0.02, mean_abs=0.003, bias=0.002),
+    # GPU bf16 (H200): max |Δ| 0.085, mean |Δ| 0.029 over 30 checks per cell (eager, graphs, head32, raw).
+    "gpu-bfloat16": Tolerance(band=0.25, max_abs=0.6, mean_abs=0.07, bias=0.02),
+    "gpu-bfloat16-head32": Tolerance(band=0.25, max_abs=0.6, mean_abs=0.07, bias=0.02),
+    "gpu-float16": Tolerance(band=0.25, max_abs=0.6, mean_abs=0.07, bias=0.02),
+    "gpu-float16-head32": Tolerance(band=0.25, max_abs=0.6, mean_abs=0.07, bias=0.02),
 }
 
 

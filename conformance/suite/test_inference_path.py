@@ -23,7 +23,7 @@ from conformance.paths import PathComparison, compare_rescore, compare_samples
 from conformance.parity import scaled_tolerance
 from conformance.strategies import sampling_specs
 
-pytestmark = pytest.mark.parity
+pytestmark = [pytest.mark.parity, pytest.mark.family("inference-path")]
 
 GREEDY = SamplingSpec(temperature=0.0, max_tokens=16, logprobs=5)
 

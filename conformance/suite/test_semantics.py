@@ -19,7 +19,7 @@ from conformance.checks import check_cases
 from conformance.parity import ParityReport
 from conformance.strategies import Case, cases, sampling_specs
 
-pytestmark = pytest.mark.parity
+pytestmark = [pytest.mark.parity, pytest.mark.family("semantic")]
 
 
 def _focused(parity_settings: Any) -> Any:

@@ -17,7 +17,7 @@ from conformance.contract import SamplingSpec
 from conformance.engines.base import EngineFailure, Request
 from conformance.strategies import Case
 
-pytestmark = pytest.mark.parity
+pytestmark = [pytest.mark.parity, pytest.mark.family("stress")]
 
 PROMPT_TOKENS = 40
 
