@@ -77,7 +77,7 @@ def main() -> None:
                 failures.append(f"{exc.reason} ({case.spec.describe()})")
                 return
             report = runner.judge(requests, samples)
-            m = report.metrics
+            m = report.residual  # what the verdict bounds: distance to the legitimate range
             if m.n == 0:
                 return
             # Normalise to T >= 1 units: processed values carry logit noise divided by T.

@@ -147,7 +147,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "tolerance": (dict,),
     "families": (list,),
 }
-FAMILIES = ("semantic", "inference-path", "stress")
+FAMILIES = ("semantic", "inference-path", "distribution", "precision", "stress")
 _CHOICES: dict[str, tuple[str, ...]] = {
     "tier": TIERS,
     "engine": ENGINES,

@@ -48,6 +48,13 @@ class TokenRow:
     high: float
 
     @property
+    def residual(self) -> float:
+        """Signed distance (expected − engine) from the engine value to [low, high]; 0 inside."""
+        if self.excess == 0.0:
+            return 0.0
+        return self.low - self.engine if self.engine < self.low else self.high - self.engine
+
+    @property
     def excess(self) -> float:
         """Distance of the engine value from [low, high] (0 inside); -inf is also legitimate for a
         boundary token, which the engine may have masked."""
@@ -72,6 +79,9 @@ class ParityReport:
     target: Target
     tolerance: Tolerance
     metrics: ParityMetrics
+    """RL metrics of the point values (what a trainer would see against this engine)."""
+    residual: ParityMetrics
+    """The same metrics of the residuals (distance to the legitimate range): what the verdict bounds."""
     top_max_abs: float
     rows: list[TokenRow]
     boundary_tokens: int
@@ -96,6 +106,7 @@ class ParityReport:
             "layer": self.layer,
             "reasons": self.reasons,
             "metrics": self.metrics.as_dict(),
+            "residual": self.residual.as_dict(),
             "top_max_abs": self.top_max_abs,
             "boundary_tokens": self.boundary_tokens,
             "sequences": self.sequences,
@@ -121,6 +132,11 @@ class ParityReport:
             f"  metrics over {self.sequences} sequences: {self.metrics.summary()} "
             f"top-n max|Δ|={self.top_max_abs:.3g} boundary tokens={self.boundary_tokens}"
         )
+        if self.residual.n and self.residual.mean_abs != self.metrics.mean_abs:
+            lines.append(
+                f"  residuals (distance to the legitimate range, what the tolerance bounds): "
+                f"mean|Δ|={self.residual.mean_abs:.3g} meanΔ={self.residual.mean_signed:+.3g}"
+            )
         lines.append(
             f"  tolerance ({self.cell}): max|Δ|≤{t.max_abs:g} mean|Δ|≤{t.mean_abs:g} "
             f"|meanΔ|≤{t.bias:g}+4σ/√n band={t.band:g}"
@@ -288,6 +304,8 @@ def check_parity(
     tolerance = scaled_tolerance(tolerance, spec, target)
     sampled = [r for r in rows if r.kind == "sampled"]
     metrics = compute_metrics(np.array([r.expected for r in sampled]), np.array([r.engine for r in sampled]))
+    finite = [r for r in sampled if math.isfinite(r.engine) and math.isfinite(r.residual)]
+    residual = compute_metrics(np.array([r.engine + r.residual for r in finite]), np.array([r.engine for r in finite]))
     top_excess = [r.excess for r in rows if r.kind == "top"]
     report = ParityReport(
         cell=cell,
@@ -295,6 +313,7 @@ def check_parity(
         target=target,
         tolerance=tolerance,
         metrics=metrics,
+        residual=residual,
         top_max_abs=max(top_excess, default=0.0),
         rows=rows,
         boundary_tokens=sum(r.ambiguous for r in sampled),
@@ -309,13 +328,13 @@ def check_parity(
     numeric: list[str] = []
     if max_excess > tolerance.max_abs:
         numeric.append(f"max |Δ| {max_excess:.3g} > {tolerance.max_abs:g}")
-    if metrics.n and metrics.mean_abs > tolerance.mean_abs:
-        numeric.append(f"mean |Δ| {metrics.mean_abs:.3g} > {tolerance.mean_abs:g}")
-    biased = metrics.n >= MIN_BIAS_TOKENS and bias_excess(metrics, tolerance.bias, noise_floor=tolerance.mean_abs) > 0
+    if residual.n and residual.mean_abs > tolerance.mean_abs:
+        numeric.append(f"mean |Δ| {residual.mean_abs:.3g} > {tolerance.mean_abs:g}")
+    biased = residual.n >= MIN_BIAS_TOKENS and bias_excess(residual, tolerance.bias, noise_floor=tolerance.mean_abs) > 0
     if biased:
         numeric.append(
-            f"systematic offset: mean Δ {metrics.mean_signed:+.3g} exceeds {tolerance.bias:g} + 4σ/√n "
-            f"({tolerance.bias + 4 * max(metrics.std, tolerance.mean_abs) / math.sqrt(metrics.n):.3g})"
+            f"systematic offset: mean Δ {residual.mean_signed:+.3g} exceeds {tolerance.bias:g} + 4σ/√n "
+            f"({tolerance.bias + 4 * max(residual.std, tolerance.mean_abs) / math.sqrt(residual.n):.3g})"
         )
     if not reasons and not numeric:
         return report

@@ -9,8 +9,9 @@ command -v "$PY" >/dev/null || PY=python3
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[cpu,dev]"
+# (sed drops pip's warnings about absent local index folders on machines configured with them)
+.venv/bin/python -m pip install -q --upgrade pip 2>&1 | sed '/is ignored: it is neither a file nor a directory/d'
+.venv/bin/python -m pip install -q -e ".[cpu,dev]" 2>&1 | sed '/is ignored: it is neither a file nor a directory/d'
 .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 .venv/bin/python - <<'PY'
 import importlib.util, sys

@@ -77,6 +77,16 @@ def _fds_to(path: Path) -> Iterator[None]:
                 os.close(fd)
 
 
+def _summary(exc: BaseException, limit: int = 300) -> str:
+    """One line from an exception's text: its first lines joined (pydantic puts the reason second)."""
+    lines = [
+        line.strip()
+        for line in str(exc).splitlines()
+        if line.strip() and not line.strip().startswith("For further information")
+    ]
+    return " | ".join(lines[:2])[:limit]
+
+
 def _child_pids() -> list[int]:
     import psutil  # a vLLM dependency
 
@@ -152,7 +162,7 @@ class VllmOfflineEngine:
                 )
         if "error" in result:
             exc = result["error"]
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            first = _summary(exc)
             self._cleanup_processes()
             raise EngineFailure(
                 f"cell {self.cell.id}: vLLM rejected or failed to start the engine: {type(exc).__name__}: {first}",
@@ -246,7 +256,7 @@ class VllmOfflineEngine:
             outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
         except Exception as exc:  # noqa: BLE001 - any engine exception is a finding about the engine
             self.dead = self._engine_is_dead(exc)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            first = _summary(exc)
             tail = self.log_tail()
             cause = self.root_cause(tail)
             raise EngineFailure(

@@ -1,0 +1,106 @@
+"""Precision layer: quantify each cell's mismatch on the same token sequences, and check that an fp32
+lm_head reduces it relative to the low-precision head.
+
+Every cell of the matrix (one engine at a time) scores the same fixed sequences teacher-forced through
+``prompt_logprobs`` (raw, T=1), so each cell's |Δ| against the fp32 reference is measured on identical
+tokens. For a pair of cells that differ only in ``head_dtype``, a one-sided exact sign test over the
+paired tokens asks whether the fp32 head is closer to the reference on more tokens than it is farther.
+The test fails unless that holds at α = 1e-3 and the mean |Δ| drops: an engine that ignores
+``head_dtype`` (identical errors: all ties) or makes things worse fails; a real improvement passes, and
+a clean engine whose fp32 head helps is wrongly failed only when its advantage is too small to show on
+the fixed token set (the counts are in the message).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conformance.contract import SamplingSpec
+from conformance.engines.base import Request
+from conformance.matrix import Cell
+from conformance.runner import EngineHandle
+
+pytestmark = [pytest.mark.parity, pytest.mark.family("precision")]
+
+ALPHA = 1e-3
+SEQUENCES = 12
+
+
+def _pairs(cells: list[Cell]) -> list[tuple[Cell, Cell]]:
+    out = []
+    for head32 in cells:
+        if head32.head_dtype != "float32" or head32.dtype == "float32":
+            continue
+        for low in cells:
+            if (low.head_dtype is None and low.dtype == head32.dtype and low.tier == head32.tier
+                    and low.model == head32.model and low.logprobs_mode == head32.logprobs_mode):
+                out.append((low, head32))
+    return out
+
+
+def _raw_errors(cell: Cell, model_path: Any, reference: Any, prompts: Any) -> np.ndarray:
+    """|Δ| of raw next-token logprobs (prompt_logprobs) over the fixed sequences, for one cell's engine."""
+    handle = EngineHandle(cell, model_path)
+    try:
+        sequences = [p for p in prompts.ids if len(p) > 8][:SEQUENCES]
+        spec = SamplingSpec(temperature=0.0, max_tokens=1)
+        out = handle.engine.generate([Request(seq, spec, prompt_logprobs=1) for seq in sequences])
+    finally:
+        handle.close()
+    logits = reference.raw_logits([(seq[:1], seq[1:]) for seq in sequences])
+    errors = []
+    for seq, group, raw in zip(sequences, out, logits):
+        ref = raw.log_softmax(dim=-1)
+        values = group[0].prompt_values
+        for pos in range(1, len(seq)):
+            engine_value = values[pos][seq[pos]] if values[pos] is not None else math.nan
+            errors.append(abs(float(ref[pos - 1, seq[pos]]) - engine_value))
+    return np.array(errors)
+
+
+def sign_test_p(better: int, worse: int) -> float:
+    """One-sided exact binomial p-value of ``better`` successes in ``better + worse`` fair trials."""
+    n = better + worse
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, k) for k in range(better, n + 1)) / 2.0**n
+
+
+def test_fp32_head_reduces_mismatch(parity_config: Any, parity_models: Any, parity_references: Any,
+                                    parity_tokenizers: Any) -> None:
+    from conformance.runner import PromptSet
+
+    pairs = _pairs(parity_config.selected_cells())
+    if not pairs:
+        pytest.skip("the selected matrix has no pair of cells that differ only in head_dtype=float32")
+    import torch
+
+    if any(c.tier == "gpu" for pair in pairs for c in pair) and not torch.cuda.is_available():
+        pytest.skip("GPU cells and torch.cuda.is_available() is False")
+    lines = []
+    failures = []
+    for low, head32 in pairs:
+        spec = parity_config.model if low.model == "bundled" else low.model
+        path = parity_models(spec)
+        reference = parity_references(path)
+        prompts = PromptSet.load(parity_config.prompts, parity_tokenizers(path))
+        e_low = _raw_errors(low, path, reference, prompts)
+        e_head = _raw_errors(head32, path, reference, prompts)
+        better = int((e_head < e_low).sum())
+        worse = int((e_head > e_low).sum())
+        p = sign_test_p(better, worse)
+        line = (f"{low.id}: mean|Δ| {e_low.mean():.4f} max {e_low.max():.3f} | {head32.id}: mean|Δ| "
+                f"{e_head.mean():.4f} max {e_head.max():.3f} | head32 closer on {better}, farther on {worse}, "
+                f"tied {len(e_low) - better - worse} of {len(e_low)} tokens; sign test p = {p:.2g}")
+        lines.append(line)
+        if p >= ALPHA or not e_head.mean() < e_low.mean():
+            failures.append(line)
+    print("\n".join(lines))
+    assert not failures, (
+        "precision FAILED [layer: inference-path]: the fp32 lm_head does not reduce the mismatch "
+        f"(one-sided sign test, α = {ALPHA}):\n  " + "\n  ".join(failures)
+    )

@@ -1,0 +1,82 @@
+"""Fault-injection self-tests: each suite test family fails, naming the right layer, on an engine with
+the fault it exists for, and passes on the same real engine without it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import settings
+
+from conformance.contract import SamplingSpec
+from conformance.runner import EngineHandle
+from conformance.strategies import Case, vocabulary_from_tokenizer
+from conformance.suite import test_inference_path as path_tests
+from tests import faults
+
+pytestmark = pytest.mark.selftest
+
+CELL = "fp32-processed"
+FEW = settings(max_examples=3, deadline=None, database=None)
+"""A planted fault must be caught by the first example already; a clean engine passes a few."""
+
+
+@pytest.fixture(scope="module")
+def vocab(bundled_tokenizer: Any, bundled_reference: Any) -> Any:
+    return vocabulary_from_tokenizer(bundled_tokenizer, bundled_reference.vocab_size)
+
+
+def _faulty(engines: Any, make_runner: Any, fault: faults.Fault | None) -> Any:
+    real = engines(CELL)
+    if fault is None:
+        return make_runner(CELL)
+    handle = EngineHandle(real.cell, real.model_path, factory=lambda cell, path: faults.FaultyEngine(real.engine, fault))
+    return make_runner(CELL, handle=handle)
+
+
+def _expect_failure(layer: str, call: Any) -> str:
+    with pytest.raises(AssertionError) as info:
+        call()
+    message = str(info.value)
+    assert f"[layer: {layer}]" in message, message
+    return message
+
+
+FAMILIES = {
+    "prefix-cache": (
+        faults.on_cache_hit(0.01),
+        lambda runner, vocab: path_tests.test_prefix_cache_hit_matches_cold(runner, vocab, FEW),
+        "prefix-cache hit",
+    ),
+    "batch": (
+        faults.when_batched(0.01),
+        lambda runner, vocab: path_tests.test_batch_composition_does_not_change_logprobs(runner, vocab, FEW),
+        "in a batch of",
+    ),
+    "decode-vs-prefill": (
+        faults.on_prefill_rescore(0.01),
+        lambda runner, vocab: path_tests.test_decode_matches_prefill_rescore(runner, "block-boundary"),
+        "prefill rescore",
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_inference_path_family_catches_its_fault(engines: Any, make_runner: Any, vocab: Any, family: str) -> None:
+    fault, run, path_name = FAMILIES[family]
+    message = _expect_failure("inference-path", lambda: run(_faulty(engines, make_runner, fault), vocab))
+    assert path_name in message
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_inference_path_family_passes_without_fault(engines: Any, make_runner: Any, vocab: Any, family: str) -> None:
+    _, run, _ = FAMILIES[family]
+    run(_faulty(engines, make_runner, None), vocab)
+
+
+def test_off_by_one_reporting_is_caught(engines: Any, make_runner: Any) -> None:
+    """Sampled values reported one position late: a semantic failure at T=0.7."""
+    runner = _faulty(engines, make_runner, faults.shifted_by_one_position())
+    report = runner.run(Case((0, 3, 8), SamplingSpec(temperature=0.7, max_tokens=12, seed=3)))
+    assert not report.passed and report.layer in ("semantic", "inference-path"), report.explain()
+    assert report.metrics.max_abs > 0.1
