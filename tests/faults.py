@@ -34,10 +34,10 @@ def on_cache_hit(delta: float) -> Fault:
 
 
 def when_batched(delta: float) -> Fault:
-    """Shift every value whenever the batch holds more than one sequence."""
+    """Shift every value whenever the batch holds more than one request."""
 
     def fault(requests: Sequence[Request], out: list[list[Sample]]) -> list[list[Sample]]:
-        if sum(len(group) for group in out) <= 1:
+        if len(requests) <= 1:
             return out
         return [[_shift(s, delta) for s in group] for group in out]
 
