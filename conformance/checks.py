@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, note
 from hypothesis import strategies as st
 
-from conformance.engines.base import EngineFailure
+from conformance.engines.base import EngineFailure, Request, Sample
 from conformance.findings import KnownFinding, match_finding
 from conformance.parity import ParityReport
 from conformance.runner import EngineFailureRecord, ParityRunner
@@ -85,3 +85,18 @@ def check_cases(
     property_()
     if failures:
         pytest.fail(engine_failure_message(failures[0]), pytrace=False)
+
+
+def generate_or_report(runner: ParityRunner, requests: list[Request], test: str, repro: str) -> list[list[Sample]]:
+    """Generate; an engine failure ends the test as a finding: ``xfail`` naming a known finding, else a
+    failure with the engine layer, the reason, the log tail and ``repro`` (how to reproduce it)."""
+    try:
+        return runner.generate(requests)
+    except EngineFailure as exc:
+        finding = known_finding_for(runner, exc)
+        case = Case(tuple(range(len(requests))), requests[0].spec)
+        record = runner.engine_failure(case, exc, test, known=finding.id if finding else None)
+        record.params = repro
+        if finding is not None:
+            pytest.xfail(f"known engine finding {finding.id}: {finding.summary}; reproduce: {repro}")
+        pytest.fail(engine_failure_message(record), pytrace=False)

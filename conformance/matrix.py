@@ -70,8 +70,13 @@ class Cell:
     source: str = "<memory>"
 
     def runs(self, family: str | None) -> bool:
-        """Whether tests of ``family`` run in this cell (untagged tests run everywhere)."""
-        return family is None or self.families is None or family in self.families
+        """Whether tests of ``family`` run in this cell: untagged tests run everywhere, opt-in families
+        only where listed, the others wherever ``families`` is unset or lists them."""
+        if family is None:
+            return True
+        if self.families is None:
+            return family not in OPT_IN_FAMILIES
+        return family in self.families
 
     @property
     def precision(self) -> str:
@@ -147,7 +152,9 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "tolerance": (dict,),
     "families": (list,),
 }
-FAMILIES = ("semantic", "inference-path", "distribution", "precision", "stress")
+FAMILIES = ("semantic", "inference-path", "chunked-prefill", "distribution", "precision", "stress")
+OPT_IN_FAMILIES = ("chunked-prefill",)
+"""Families that need a dedicated cell configuration (e.g. a tiny step budget) and run only where listed."""
 _CHOICES: dict[str, tuple[str, ...]] = {
     "tier": TIERS,
     "engine": ENGINES,

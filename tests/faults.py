@@ -89,3 +89,25 @@ class FaultyEngine:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+
+def samples_elsewhere(seed: int = 0) -> Fault:
+    """Report the engine's values but replace each first sampled token by a uniform draw among the
+    tokens the engine reported as possible: the sampler draws from another distribution."""
+    import random
+
+    rng = random.Random(seed)
+
+    def fault(requests: Sequence[Request], out: list[list[Sample]]) -> list[list[Sample]]:
+        changed = []
+        for group in out:
+            row = []
+            for s in group:
+                options = [t for t, v in (s.top_values[0] if s.top_values else {}).items() if v > float("-inf")]
+                if options:
+                    s = dataclasses.replace(s, output_ids=[rng.choice(sorted(options))] + s.output_ids[1:])
+                row.append(s)
+            changed.append(row)
+        return changed
+
+    return fault

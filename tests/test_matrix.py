@@ -32,8 +32,12 @@ def test_shipped_cpu_matrix_loads() -> None:
     cells = load_matrix(CPU_MATRIX)
     ids = [c.id for c in cells]
     assert ids[:4] == ["fp32-processed", "fp32-raw", "bf16-processed", "bf16-processed-head32"]
-    # architecture variants run the semantic family only
-    assert all(c.families == ("semantic",) and c.model != "bundled" for c in cells[4:]), ids
+    # architecture variants run the semantic family only; the chunked cell its opt-in family only
+    variants = [c for c in cells if c.model != "bundled"]
+    assert len(variants) == 3 and all(c.families == ("semantic",) for c in variants), ids
+    chunked = {c.id: c for c in cells}["fp32-processed-chunked"]
+    assert chunked.families == ("chunked-prefill",) and chunked.max_num_batched_tokens == 64
+    assert not cells[0].runs("chunked-prefill") and chunked.runs("chunked-prefill") and not chunked.runs("semantic")
     by_id = {c.id: c for c in cells}
     assert by_id["fp32-processed"].dtype == "float32"
     assert by_id["fp32-processed"].logprobs_mode == "processed_logprobs"

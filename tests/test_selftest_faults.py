@@ -81,3 +81,24 @@ def test_off_by_one_reporting_is_caught(engines: Any, make_runner: Any) -> None:
     report = runner.run(Case((0, 3, 8), SamplingSpec(temperature=0.7, max_tokens=12, seed=3)))
     assert not report.passed and report.layer in ("semantic", "inference-path"), report.explain()
     assert report.metrics.max_abs > 0.1
+
+
+def test_sampling_family_catches_a_sampler_drawing_elsewhere(engines: Any, make_runner: Any) -> None:
+    from conformance.suite import test_distribution
+
+    runner = _faulty(engines, make_runner, faults.samples_elsewhere())
+    message = _expect_failure("semantic", lambda: test_distribution.test_sampling_follows_reported_probabilities(runner))
+    assert "chi-square" in message
+    test_distribution.test_sampling_follows_reported_probabilities(_faulty(engines, make_runner, None))
+
+
+def test_precision_family_catches_an_ignored_head_dtype(engines: Any, cpu_cells: Any, bundled_model: Any,
+                                                        bundled_reference: Any, bundled_prompts: Any) -> None:
+    """A 'head32' engine that is really the bf16 engine (head_dtype ignored): identical errors, no gain."""
+    from conformance.runner import default_engine_factory
+    from conformance.suite.test_precision import compare_heads
+
+    low, head32 = cpu_cells["bf16-processed"], cpu_cells["bf16-processed-head32"]
+    ignored = lambda cell, path: default_engine_factory(low, path)  # noqa: E731
+    line, passed = compare_heads(low, head32, bundled_model, bundled_reference, bundled_prompts, ignored)
+    assert not passed and "closer on 0, farther on 0" in line, line

@@ -42,9 +42,9 @@ def _pairs(cells: list[Cell]) -> list[tuple[Cell, Cell]]:
     return out
 
 
-def _raw_errors(cell: Cell, model_path: Any, reference: Any, prompts: Any) -> np.ndarray:
+def _raw_errors(cell: Cell, model_path: Any, reference: Any, prompts: Any, factory: Any = None) -> np.ndarray:
     """|Δ| of raw next-token logprobs (prompt_logprobs) over the fixed sequences, for one cell's engine."""
-    handle = EngineHandle(cell, model_path)
+    handle = EngineHandle(cell, model_path) if factory is None else EngineHandle(cell, model_path, factory)
     try:
         sequences = [p for p in prompts.ids if len(p) > 8][:SEQUENCES]
         spec = SamplingSpec(temperature=0.0, max_tokens=1)
@@ -67,7 +67,21 @@ def sign_test_p(better: int, worse: int) -> float:
     n = better + worse
     if n == 0:
         return 1.0
-    return sum(math.comb(n, k) for k in range(better, n + 1)) / 2.0**n
+    return sum(math.comb(n, k) for k in range(better, n + 1)) / (1 << n)  # exact big-int division
+
+
+def compare_heads(low: Cell, head32: Cell, path: Any, reference: Any, prompts: Any,
+                  head32_factory: Any = None) -> tuple[str, bool]:
+    """Score both cells on the same sequences; (summary line, whether the fp32 head is better at α)."""
+    e_low = _raw_errors(low, path, reference, prompts)
+    e_head = _raw_errors(head32, path, reference, prompts, head32_factory)
+    better = int((e_head < e_low).sum())
+    worse = int((e_head > e_low).sum())
+    p = sign_test_p(better, worse)
+    line = (f"{low.id}: mean|Δ| {e_low.mean():.4f} max {e_low.max():.3f} | {head32.id}: mean|Δ| "
+            f"{e_head.mean():.4f} max {e_head.max():.3f} | head32 closer on {better}, farther on {worse}, "
+            f"tied {len(e_low) - better - worse} of {len(e_low)} tokens; sign test p = {p:.2g}")
+    return line, p < ALPHA and e_head.mean() < e_low.mean()
 
 
 def test_fp32_head_reduces_mismatch(parity_config: Any, parity_models: Any, parity_references: Any,
@@ -86,18 +100,10 @@ def test_fp32_head_reduces_mismatch(parity_config: Any, parity_models: Any, pari
     for low, head32 in pairs:
         spec = parity_config.model if low.model == "bundled" else low.model
         path = parity_models(spec)
-        reference = parity_references(path)
         prompts = PromptSet.load(parity_config.prompts, parity_tokenizers(path))
-        e_low = _raw_errors(low, path, reference, prompts)
-        e_head = _raw_errors(head32, path, reference, prompts)
-        better = int((e_head < e_low).sum())
-        worse = int((e_head > e_low).sum())
-        p = sign_test_p(better, worse)
-        line = (f"{low.id}: mean|Δ| {e_low.mean():.4f} max {e_low.max():.3f} | {head32.id}: mean|Δ| "
-                f"{e_head.mean():.4f} max {e_head.max():.3f} | head32 closer on {better}, farther on {worse}, "
-                f"tied {len(e_low) - better - worse} of {len(e_low)} tokens; sign test p = {p:.2g}")
+        line, passed = compare_heads(low, head32, path, parity_references(path), prompts)
         lines.append(line)
-        if p >= ALPHA or not e_head.mean() < e_low.mean():
+        if not passed:
             failures.append(line)
     print("\n".join(lines))
     assert not failures, (

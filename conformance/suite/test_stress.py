@@ -12,10 +12,9 @@ from typing import Any
 
 import pytest
 
-from conformance.checks import assert_parity, engine_failure_message, known_finding_for
+from conformance.checks import assert_parity, generate_or_report
 from conformance.contract import SamplingSpec
-from conformance.engines.base import EngineFailure, Request
-from conformance.strategies import Case
+from conformance.engines.base import Request
 
 pytestmark = [pytest.mark.parity, pytest.mark.family("stress")]
 
@@ -44,14 +43,5 @@ def test_seeded_requests_with_split_prefill(parity_runner: Any) -> None:
         f"{copies} requests of the first {len(prompt)} tokens of prompt #{longest}, seeds 0..{copies - 1}, "
         f"temperature=0.8, max_tokens=4, max_num_batched_tokens={budget}"
     )
-    try:
-        samples = parity_runner.generate(requests)
-    except EngineFailure as exc:
-        finding = known_finding_for(parity_runner, exc)
-        case = Case((longest,) * copies, requests[0].spec)
-        record = parity_runner.engine_failure(case, exc, "test_seeded_requests_with_split_prefill",
-                                              known=finding.id if finding else None)
-        if finding is not None:
-            pytest.xfail(f"known engine finding {finding.id}: {finding.summary}; reproduce: {repro}")
-        pytest.fail(engine_failure_message(record) + f"\n  reproduce: {repro}", pytrace=False)
+    samples = generate_or_report(parity_runner, requests, "test_seeded_requests_with_split_prefill", repro)
     assert_parity(parity_runner.judge(requests, samples, "test_seeded_requests_with_split_prefill"))
