@@ -37,6 +37,7 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("matrix", {"default": str(DEFAULT_MATRIX), "help": "config matrix TOML file"}),
     ("cells", {"default": "", "help": "comma-separated cell ids to run (default: all cells of the matrix)"}),
     ("trainer", {"default": "", "help": "what the trainer computes: " + ", ".join(TRAINER_SEMANTICS) + " (default: each cell's own logprobs mode)"}),
+    ("trainer-head", {"default": "", "help": "dtype of your trainer's lm_head (float32, bfloat16, float16): flags one-sided precision"}),
     ("profile", {"default": "ci", "help": "hypothesis profile: " + ", ".join(PROFILES)}),
     ("examples", {"default": "", "help": "override the profile's examples per test"}),
     ("shrink", {"default": "true", "help": "shrink failing examples to minimal parameters (false: report the first failure as drawn)"}),
@@ -55,6 +56,7 @@ class ParityConfig:
     matrix: Path
     cells: list[str]
     trainer: TrainerSemantics | None
+    trainer_head: str | None
     profile: str
     examples: int | None
     shrink: bool
@@ -94,6 +96,9 @@ def _resolve_config(config: pytest.Config) -> ParityConfig:
     trainer = _option(config, "trainer") or None
     if trainer is not None and trainer not in TRAINER_SEMANTICS:
         raise pytest.UsageError(f"--parity-trainer {trainer!r}: expected one of {', '.join(TRAINER_SEMANTICS)}")
+    trainer_head = _option(config, "trainer-head") or None
+    if trainer_head is not None and trainer_head not in ("float32", "bfloat16", "float16"):
+        raise pytest.UsageError(f"--parity-trainer-head {trainer_head!r}: expected float32, bfloat16 or float16")
     profile = _option(config, "profile")
     if profile not in PROFILES:
         raise pytest.UsageError(f"--parity-profile {profile!r}: expected one of {', '.join(PROFILES)}")
@@ -123,6 +128,7 @@ def _resolve_config(config: pytest.Config) -> ParityConfig:
         matrix=Path(_option(config, "matrix")),
         cells=[c.strip() for c in _option(config, "cells").split(",") if c.strip()],
         trainer=cast(TrainerSemantics | None, trainer),
+        trainer_head=trainer_head,
         profile=profile,
         examples=examples,
         shrink=shrink_text in ("true", "1", "yes"),

@@ -17,6 +17,17 @@ pytest_plugins = ["pytester"]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny tensors: OpenMP fan-out only costs time (badly so on a busy 2-core machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def cpu_cells() -> dict[str, Cell]:
     """The shipped CPU matrix's cells by id."""

@@ -111,3 +111,25 @@ def samples_elsewhere(seed: int = 0) -> Fault:
         return changed
 
     return fault
+
+
+def _jitter(sample: Sample, delta: float) -> Sample:
+    """Numerical noise rather than an offset: +delta and -delta on alternating positions."""
+    sign = [delta if i % 2 == 0 else -delta for i in range(len(sample.sampled_values))]
+    return dataclasses.replace(
+        sample,
+        sampled_values=[None if v is None else v + d for v, d in zip(sample.sampled_values, sign)],
+        top_values=[{t: v + d for t, v in top.items()} for top, d in zip(sample.top_values, sign)],
+    )
+
+
+def on_long_prefill(delta: float, budget: int) -> Fault:
+    """Jitter the values of a request whose prompt is longer than one step's token budget (chunked)."""
+
+    def fault(requests: Sequence[Request], out: list[list[Sample]]) -> list[list[Sample]]:
+        return [
+            [_jitter(s, delta) if len(r.prompt_ids) > budget else s for s in group]
+            for r, group in zip(requests, out)
+        ]
+
+    return fault

@@ -24,12 +24,8 @@ VOCAB = 48
 EOS = VOCAB - 1
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: OpenMP fan-out only costs time (badly so on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_torch_thread(one_torch_thread: None) -> None:
+    """Tiny tensors: see tests/conftest.py."""
 
 
 ValueFn = Callable[[ProcessedDistribution, torch.Tensor, torch.Generator], torch.Tensor]

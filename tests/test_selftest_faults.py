@@ -102,3 +102,23 @@ def test_precision_family_catches_an_ignored_head_dtype(engines: Any, cpu_cells:
     ignored = lambda cell, path: default_engine_factory(low, path)  # noqa: E731
     line, passed = compare_heads(low, head32, bundled_model, bundled_reference, bundled_prompts, ignored)
     assert not passed and "closer on 0, farther on 0" in line, line
+
+
+def test_chunked_prefill_family_catches_its_fault(engines: Any, make_runner: Any) -> None:
+    """Values off only for prompts whose prefill is split across steps (chunked cell, 64-token budget)."""
+    real = engines("fp32-processed-chunked")
+    fault = faults.on_long_prefill(0.01, real.engine.scheduler_budget())
+    handle = EngineHandle(real.cell, real.model_path, factory=lambda cell, path: faults.FaultyEngine(real.engine, fault))
+    runner = make_runner("fp32-processed-chunked", handle=handle)
+    _expect_failure("inference-path", lambda: path_tests.test_chunked_prefill_matches_reference(runner, False))
+    path_tests.test_chunked_prefill_matches_reference(make_runner("fp32-processed-chunked"), False)
+
+
+def test_one_sided_head_precision_is_flagged(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_subprocess(
+        "-p", "conformance.plugin", "--pyargs", "conformance.suite", "-m", "parity", "-k", "one_sided",
+        "--parity-cells", "bf16-processed,bf16-processed-head32", "--parity-trainer-head", "float32",
+        "-p", "no:cacheprovider",
+    )
+    result.assert_outcomes(passed=1, failed=1)
+    assert "one-sided precision: the engine's lm_head runs in bfloat16 but the trainer's in float32" in result.stdout.str()

@@ -110,3 +110,22 @@ def test_fp32_head_reduces_mismatch(parity_config: Any, parity_models: Any, pari
         "precision FAILED [layer: inference-path]: the fp32 lm_head does not reduce the mismatch "
         f"(one-sided sign test, α = {ALPHA}):\n  " + "\n  ".join(failures)
     )
+
+
+def engine_head_dtype(cell: Cell) -> str:
+    """The dtype of the engine's lm_head in this cell (``head_dtype`` override, else the model dtype)."""
+    return cell.head_dtype or cell.dtype
+
+
+def test_head_precision_is_not_one_sided(cell: Cell, parity_config: Any) -> None:
+    """With ``--parity-trainer-head`` declared: the engine's lm_head precision must equal the trainer's,
+    or importance ratios carry a one-sided precision error (engine fp32 vs trainer bf16, or the reverse)."""
+    declared = parity_config.trainer_head
+    if declared is None:
+        pytest.skip("declare your trainer's lm_head dtype with --parity-trainer-head to check one-sided precision")
+    engine = engine_head_dtype(cell)
+    assert engine == declared, (
+        f"precision FAILED [layer: objective] in cell {cell.id!r}: one-sided precision: the engine's lm_head "
+        f"runs in {engine} but the trainer's in {declared}; the logprob error of the lower-precision side is "
+        f"not mirrored on the other (set head_dtype = {declared!r} in the cell, or match the trainer)"
+    )
