@@ -152,7 +152,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "tolerance": (dict,),
     "families": (list,),
 }
-FAMILIES = ("semantic", "inference-path", "chunked-prefill", "distribution", "precision", "stress")
+FAMILIES = ("semantic", "inference-path", "chunked-prefill", "distribution", "precision", "execution-mode", "stress")
 OPT_IN_FAMILIES = ("chunked-prefill",)
 """Families that need a dedicated cell configuration (e.g. a tiny step budget) and run only where listed."""
 _CHOICES: dict[str, tuple[str, ...]] = {

@@ -42,6 +42,12 @@ def _pairs(cells: list[Cell]) -> list[tuple[Cell, Cell]]:
     return out
 
 
+def _fp32_twins(cells: list[Cell], low: Cell) -> list[Cell]:
+    """fp32 cells on the same model, tier and mode: the exact row of the per-cell mismatch table."""
+    return [c for c in cells if c.dtype == "float32" and c.model == low.model and c.tier == low.tier
+            and c.logprobs_mode == low.logprobs_mode and c.families is None][:1]
+
+
 def _raw_errors(cell: Cell, model_path: Any, reference: Any, prompts: Any, factory: Any = None) -> np.ndarray:
     """|Δ| of raw next-token logprobs (prompt_logprobs) over the fixed sequences, for one cell's engine."""
     handle = EngineHandle(cell, model_path) if factory is None else EngineHandle(cell, model_path, factory)
@@ -105,6 +111,9 @@ def test_fp32_head_reduces_mismatch(parity_config: Any, parity_models: Any, pari
         lines.append(line)
         if not passed:
             failures.append(line)
+        for exact in _fp32_twins(parity_config.selected_cells(), low):
+            errors = _raw_errors(exact, path, parity_references(path), prompts)
+            lines.append(f"{exact.id}: mean|Δ| {errors.mean():.2g} max {errors.max():.2g} (same tokens)")
     print("\n".join(lines))
     assert not failures, (
         "precision FAILED [layer: inference-path]: the fp32 lm_head does not reduce the mismatch "

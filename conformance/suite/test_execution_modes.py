@@ -1,0 +1,96 @@
+"""Execution-mode layer: the same requests through two engines whose cells differ in exactly one
+execution switch (eager vs torch.compile + CUDA graphs, async scheduling, attention backend, the V1 vs V2
+model runner) give the same logprobs within the cells' tolerance, and each matches the reference.
+
+The pairs come from the selected matrix and, always, from the shipped GPU matrix, so the test exists on
+every machine; GPU pairs skip with the reason where CUDA is absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from conformance.checks import assert_parity
+from conformance.contract import SamplingSpec
+from conformance.engines.base import Request
+from conformance.matrix import Cell, load_matrix
+from conformance.parity import scaled_tolerance
+from conformance.paths import compare_samples
+from conformance.plugin import FIXTURES
+from conformance.runner import EngineHandle
+
+pytestmark = [pytest.mark.parity, pytest.mark.family("execution-mode")]
+
+GPU_MATRIX = FIXTURES / "matrices" / "gpu.toml"
+SWITCHES = ("enforce_eager", "async_scheduling", "attention_backend")
+ENV_SWITCHES = ("VLLM_USE_V2_MODEL_RUNNER",)
+SPEC = SamplingSpec(temperature=0.0, max_tokens=16, logprobs=5)
+
+
+def _key(cell: Cell) -> dict[str, Any]:
+    data = dataclasses.asdict(cell)
+    for name in ("id", "purpose", "source", "families", *SWITCHES):
+        data.pop(name)
+    data["env"] = {k: v for k, v in cell.env.items() if k not in ENV_SWITCHES}
+    return data
+
+
+def switch_pairs(cells: list[Cell]) -> list[tuple[Cell, Cell, str]]:
+    """(base, other, switch name) for cells equal except in exactly one execution switch."""
+    pairs = []
+    for i, a in enumerate(cells):
+        for b in cells[i + 1:]:
+            if _key(a) != _key(b):
+                continue
+            differ = [s for s in SWITCHES if getattr(a, s) != getattr(b, s)]
+            differ += [s for s in ENV_SWITCHES if a.env.get(s) != b.env.get(s)]
+            if len(differ) == 1:
+                pairs.append((a, b, differ[0]))
+    return pairs
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "pair" not in metafunc.fixturenames:
+        return
+    from conformance.plugin import CONFIG_KEY
+
+    selected = metafunc.config.stash[CONFIG_KEY].selected_cells()
+    seen = {c.id for c in selected}
+    cells = selected + [c for c in load_matrix(GPU_MATRIX) if c.id not in seen]
+    pairs = switch_pairs(cells)
+    params = [pytest.param(p, id=f"{p[0].id}-vs-{p[1].id}") for p in pairs]
+    if not params:
+        params = [pytest.param(None, id="no-pair", marks=pytest.mark.skip(reason="no pair of cells differs in one execution switch"))]
+    metafunc.parametrize("pair", params)
+
+
+def test_execution_switch_keeps_logprobs(pair: tuple[Cell, Cell, str], parity_config: Any, parity_models: Any,
+                                         parity_references: Any, parity_tokenizers: Any) -> None:
+    import torch
+
+    from conformance.runner import ParityRunner, PromptSet
+
+    base, other, switch = pair
+    if "gpu" in (base.tier, other.tier) and not torch.cuda.is_available():
+        pytest.skip(f"{switch} switch {base.id} vs {other.id} needs a GPU (CUDA graphs, compile, runners and "
+                    "attention backends are GPU execution modes); torch.cuda.is_available() is False")
+    path = parity_models(parity_config.model if base.model == "bundled" else base.model)
+    prompts = PromptSet.load(parity_config.prompts, parity_tokenizers(path))
+    requests = [Request(prompts.ids[i], SPEC) for i in (0, 2, 9, 12)]
+    results = []
+    for cell in (base, other):
+        handle = EngineHandle(cell, path)
+        try:
+            runner = ParityRunner(handle, parity_references(path), prompts)
+            samples = runner.generate(requests)
+            assert_parity(runner.judge(requests, samples, "test_execution_switch_keeps_logprobs"))
+            results.append(samples)
+        finally:
+            handle.close()
+    tolerance = max(scaled_tolerance(c.tolerance, SPEC, c.logprobs_mode).max_abs for c in (base, other))
+    for index, (a, b) in enumerate(zip(*results)):
+        comparison = compare_samples(a, b, base.id, (base.id, other.id), tolerance, f"{switch} switch, prompt {index}")
+        assert comparison.passed, comparison.explain()
