@@ -50,7 +50,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -170,7 +170,6 @@ class ProcessedDistribution:
     sure: torch.Tensor
     maybe: torch.Tensor
     band: float = 0.0
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def logits(self) -> torch.Tensor:

@@ -10,9 +10,12 @@ COLUMNS = ("cell", "checks", "failed", "layers", "tokens", "max|Δ|", "mean|Δ|"
 
 
 def _fmt(value: float) -> str:
-    if isinstance(value, float) and math.isnan(value):
+    """'-' for NaN, two significant digits below 1e-3, else four decimals."""
+    if math.isnan(value):
         return "-"
-    return f"{value:.2g}" if abs(value) < 1e-3 and value != 0 else f"{value:.4f}" if isinstance(value, float) else str(value)
+    if value != 0 and abs(value) < 1e-3:
+        return f"{value:.2g}"
+    return f"{value:.4f}"
 
 
 def cell_rows(recorder: Any) -> list[dict[str, Any]]:

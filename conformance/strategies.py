@@ -12,7 +12,6 @@ All profiles have no deadline (engine calls take variable time) and print the re
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hypothesis import HealthCheck, settings
@@ -135,8 +134,3 @@ def vocabulary_from_tokenizer(tokenizer: object, size: int, limit: int = 400) ->
             break
     eos = getattr(tokenizer, "eos_token_id", None)
     return Vocabulary(size=size, eos_token_id=eos if isinstance(eos, int) else None, words=tuple(words))
-
-
-def batch_requests(case: Case, prompt_ids: Sequence[Sequence[int]]) -> list[tuple[tuple[int, ...], SamplingSpec]]:
-    """The (prompt ids, spec) pairs a case sends to the engine."""
-    return [(tuple(prompt_ids[i]), case.spec) for i in case.prompts]

@@ -133,3 +133,24 @@ def on_long_prefill(delta: float, budget: int) -> Fault:
         ]
 
     return fault
+
+
+def top_n_drift(delta: float) -> Fault:
+    """Leave the sampled token's value alone, move the other top-n values: a full-distribution gap."""
+
+    def fault(requests: Sequence[Request], out: list[list[Sample]]) -> list[list[Sample]]:
+        return [
+            [
+                dataclasses.replace(
+                    s,
+                    top_values=[
+                        {t: (v if t == s.output_ids[i] else v + delta) for t, v in top.items()}
+                        for i, top in enumerate(s.top_values)
+                    ],
+                )
+                for s in group
+            ]
+            for group in out
+        ]
+
+    return fault

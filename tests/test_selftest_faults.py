@@ -122,3 +122,14 @@ def test_one_sided_head_precision_is_flagged(pytester: pytest.Pytester) -> None:
     )
     result.assert_outcomes(passed=1, failed=1)
     assert "one-sided precision: the engine's lm_head runs in bfloat16 but the trainer's in float32" in result.stdout.str()
+
+
+def test_top_k_family_catches_a_distribution_gap(engines: Any, make_runner: Any) -> None:
+    """Sampled token fine, the rest of the reported top-20 off by 0.01: caught, not just the sampled one."""
+    from conformance.suite import test_distribution
+
+    spec = test_distribution.SamplingSpec(temperature=1.0, max_tokens=8, logprobs=20, seed=11)
+    runner = _faulty(engines, make_runner, faults.top_n_drift(0.01))
+    message = _expect_failure("inference-path", lambda: test_distribution.test_top_k_distribution_matches_reference(runner, spec))
+    assert "(top)" in message  # the worst tokens are top-n entries, not sampled ones
+    test_distribution.test_top_k_distribution_matches_reference(_faulty(engines, make_runner, None), spec)

@@ -1,6 +1,7 @@
 """Execution-mode layer: the same requests through two engines whose cells differ in exactly one
-execution switch (eager vs torch.compile + CUDA graphs, async scheduling, attention backend, the V1 vs V2
-model runner) give the same logprobs within the cells' tolerance, and each matches the reference.
+execution switch (eager vs torch.compile + CUDA graphs, prefix caching on/off, the chunked-prefill step
+budget, async scheduling, attention backend, the V1 vs V2 model runner) give the same logprobs within
+the cells' tolerance, and each matches the reference.
 
 The pairs come from the selected matrix and, always, from the shipped GPU matrix, so the test exists on
 every machine; GPU pairs skip with the reason where CUDA is absent.
@@ -25,16 +26,22 @@ from conformance.runner import EngineHandle
 pytestmark = [pytest.mark.parity, pytest.mark.family("execution-mode")]
 
 GPU_MATRIX = FIXTURES / "matrices" / "gpu.toml"
-SWITCHES = ("enforce_eager", "async_scheduling", "attention_backend")
-ENV_SWITCHES = ("VLLM_USE_V2_MODEL_RUNNER",)
+SWITCHES: dict[str, tuple[str, ...]] = {
+    "eager vs compile + CUDA graphs": ("enforce_eager",),
+    "prefix caching": ("enable_prefix_caching",),
+    "chunked prefill budget": ("enable_chunked_prefill", "max_num_batched_tokens", "max_num_seqs"),
+    "async scheduling": ("async_scheduling",),
+    "attention backend": ("attention_backend",),
+}
+ENV_SWITCHES: dict[str, str] = {"model runner": "VLLM_USE_V2_MODEL_RUNNER"}
 SPEC = SamplingSpec(temperature=0.0, max_tokens=16, logprobs=5)
 
 
 def _key(cell: Cell) -> dict[str, Any]:
     data = dataclasses.asdict(cell)
-    for name in ("id", "purpose", "source", "families", *SWITCHES):
+    for name in ("id", "purpose", "source", "families", *(f for group in SWITCHES.values() for f in group)):
         data.pop(name)
-    data["env"] = {k: v for k, v in cell.env.items() if k not in ENV_SWITCHES}
+    data["env"] = {k: v for k, v in cell.env.items() if k not in ENV_SWITCHES.values()}
     return data
 
 
@@ -45,8 +52,8 @@ def switch_pairs(cells: list[Cell]) -> list[tuple[Cell, Cell, str]]:
         for b in cells[i + 1:]:
             if _key(a) != _key(b):
                 continue
-            differ = [s for s in SWITCHES if getattr(a, s) != getattr(b, s)]
-            differ += [s for s in ENV_SWITCHES if a.env.get(s) != b.env.get(s)]
+            differ = [n for n, group in SWITCHES.items() if any(getattr(a, f) != getattr(b, f) for f in group)]
+            differ += [n for n, var in ENV_SWITCHES.items() if a.env.get(var) != b.env.get(var)]
             if len(differ) == 1:
                 pairs.append((a, b, differ[0]))
     return pairs
@@ -75,16 +82,20 @@ def test_execution_switch_keeps_logprobs(pair: tuple[Cell, Cell, str], parity_co
 
     base, other, switch = pair
     if "gpu" in (base.tier, other.tier) and not torch.cuda.is_available():
-        pytest.skip(f"{switch} switch {base.id} vs {other.id} needs a GPU (CUDA graphs, compile, runners and "
+        pytest.skip(f"{switch} switch {base.id} vs {other.id} is a GPU pair (CUDA graphs, compile, runners and "
                     "attention backends are GPU execution modes); torch.cuda.is_available() is False")
     path = parity_models(parity_config.model if base.model == "bundled" else base.model)
     prompts = PromptSet.load(parity_config.prompts, parity_tokenizers(path))
-    requests = [Request(prompts.ids[i], SPEC) for i in (0, 2, 9, 12)]
+    # A prompt of ~2.5 CPU KV blocks (320 tokens) makes the prefix cache and a small step budget matter;
+    # the batch is sent twice and the second pass compared (a cache hit where caching is on).
+    long_prompt = tuple(t for i in (8, 9, 10) for t in prompts.ids[i][(0 if i == 8 else 1):])[:320]
+    requests = [Request(long_prompt, SPEC)] + [Request(prompts.ids[i], SPEC) for i in (0, 2, 12)]
     results = []
     for cell in (base, other):
         handle = EngineHandle(cell, path)
         try:
             runner = ParityRunner(handle, parity_references(path), prompts)
+            runner.generate(requests)
             samples = runner.generate(requests)
             assert_parity(runner.judge(requests, samples, "test_execution_switch_keeps_logprobs"))
             results.append(samples)
