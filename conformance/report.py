@@ -6,7 +6,13 @@ import math
 from collections import defaultdict
 from typing import Any
 
-COLUMNS = ("cell", "checks", "failed", "layers", "tokens", "max|Δ|", "mean|Δ|", "meanΔ", "k3", "boundary", "engine fails")
+COLUMNS = (
+    "cell", "checks", "failed", "layers", "tokens", "max|Δ|", "max excess", "mean|Δ|", "meanΔ", "k3", "boundary",
+    "engine fails",
+)
+"""max|Δ|, mean|Δ|, meanΔ and k3 are over the point values of the sampled tokens (what a trainer sees);
+"max excess" is the verdict's quantity: the largest distance of any returned value (sampled or top-n) from
+its legitimate range, which the cell's ``max_abs`` bounds."""
 
 
 def _fmt(value: float) -> str:
@@ -42,6 +48,7 @@ def cell_rows(recorder: Any) -> list[dict[str, Any]]:
                 "layers": ",".join(layers) or "-",
                 "tokens": n,
                 "max|Δ|": max((r.metrics.max_abs for r in reports if r.metrics.n), default=math.nan),
+                "max excess": max((max((row.excess for row in r.rows), default=0.0) for r in reports), default=math.nan),
                 "mean|Δ|": weighted("mean_abs"),
                 "meanΔ": weighted("mean_signed"),
                 "k3": weighted("k3_kl"),
