@@ -7,12 +7,12 @@ from collections import defaultdict
 from typing import Any
 
 COLUMNS = (
-    "cell", "checks", "failed", "layers", "tokens", "max|Δ|", "max excess", "mean|Δ|", "meanΔ", "k3", "boundary",
+    "cell", "checks", "failed", "layers", "tokens", "max|Δ|", "tol used", "mean|Δ|", "meanΔ", "k3", "boundary",
     "engine fails",
 )
 """max|Δ|, mean|Δ|, meanΔ and k3 are over the point values of the sampled tokens (what a trainer sees);
-"max excess" is the verdict's quantity: the largest distance of any returned value (sampled or top-n) from
-its legitimate range, which the cell's ``max_abs`` bounds."""
+"tol used" is the verdict's margin: the largest distance of any returned value (sampled or top-n) from its
+legitimate range, as a fraction of the check's ``max_abs`` (scaled by 1/T below T = 1); above 1 fails."""
 
 
 def _fmt(value: float) -> str:
@@ -22,6 +22,12 @@ def _fmt(value: float) -> str:
     if value != 0 and abs(value) < 1e-3:
         return f"{value:.2g}"
     return f"{value:.4f}"
+
+
+def _used(report: Any) -> float:
+    """Largest excess of one check over its (temperature-scaled) max_abs bound."""
+    excess = max((row.excess for row in report.rows), default=0.0)
+    return excess / report.tolerance.max_abs if report.tolerance.max_abs > 0 else math.inf
 
 
 def cell_rows(recorder: Any) -> list[dict[str, Any]]:
@@ -48,7 +54,7 @@ def cell_rows(recorder: Any) -> list[dict[str, Any]]:
                 "layers": ",".join(layers) or "-",
                 "tokens": n,
                 "max|Δ|": max((r.metrics.max_abs for r in reports if r.metrics.n), default=math.nan),
-                "max excess": max((max((row.excess for row in r.rows), default=0.0) for r in reports), default=math.nan),
+                "tol used": max((_used(r) for r in reports), default=math.nan),
                 "mean|Δ|": weighted("mean_abs"),
                 "meanΔ": weighted("mean_signed"),
                 "k3": weighted("k3_kl"),
