@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Re-split the offline vLLM bundle (../shared/gpu/build-bundle -> .gpu/p00 .gpu/p01) into three ~40 MiB
+# parts .gpu/q00..q02: with this repository's working tree (~9 MiB, the bundled model) a 60 MiB part
+# exceeds the device tool's 64 MiB per call. Then send them in three calls back to back:
+#   carry [".gpu/q00"]                           mkdir -p /tmp/parts && cp .gpu/q00 /tmp/parts/
+#   carry [".gpu/q01"]                           cp .gpu/q01 /tmp/parts/
+#   carry [".gpu/q02", "scripts/gpu_setup3.sh"]  bash scripts/gpu_setup3.sh && bash scripts/gpu_session.sh suite
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cat .gpu/p00 .gpu/p01 > /tmp/bundle.tar
+split -b 40m -d /tmp/bundle.tar .gpu/q
+rm /tmp/bundle.tar
+ls -la .gpu/q0*
