@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from conformance.engines.base import EngineFailure, Request, Sample
 from conformance.findings import KnownFinding, match_finding
 from conformance.parity import ParityReport
-from conformance.runner import EngineFailureRecord, ParityRunner
+from conformance.runner import EngineFailureRecord, ParityRunner, describe_case
 from conformance.strategies import Case
 
 
@@ -74,7 +74,7 @@ def check_cases(
             report = runner.run(case, test)
         except EngineFailure as exc:
             finding = known_finding_for(runner, exc)
-            record = runner.engine_failure(case, exc, test, known=finding.id if finding else None)
+            record = runner.engine_failure(describe_case(case), exc, test, known=finding.id if finding else None)
             (known if finding else failures).append(record)
             return
         note(report.explain())
@@ -94,9 +94,7 @@ def generate_or_report(runner: ParityRunner, requests: list[Request], test: str,
         return runner.generate(requests)
     except EngineFailure as exc:
         finding = known_finding_for(runner, exc)
-        case = Case(tuple(range(len(requests))), requests[0].spec)
-        record = runner.engine_failure(case, exc, test, known=finding.id if finding else None)
-        record.params = repro
+        record = runner.engine_failure(repro, exc, test, known=finding.id if finding else None)
         if finding is not None:
             pytest.xfail(f"known engine finding {finding.id}: {finding.summary}; reproduce: {repro}")
         pytest.fail(engine_failure_message(record), pytrace=False)

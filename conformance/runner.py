@@ -69,11 +69,11 @@ class EngineFailureRecord:
     known: str | None = None
 
 
-def _prompt_list(prompts: Sequence[int]) -> str:
-    """``[3, 8]``, or ``[12]*206`` for one prompt repeated."""
-    if len(prompts) > 8 and len(set(prompts)) == 1:
-        return f"[{prompts[0]}]*{len(prompts)}"
-    return str(list(prompts))
+def describe_case(case: Case) -> str:
+    """What reproduces a case: its prompt indices (``[12]*206`` for one prompt repeated) and spec."""
+    prompts = case.prompts
+    listed = f"[{prompts[0]}]*{len(prompts)}" if len(prompts) > 8 and len(set(prompts)) == 1 else str(list(prompts))
+    return f"prompts={listed} {case.spec.describe()}"
 
 
 class EngineHandle:
@@ -195,10 +195,9 @@ class ParityRunner:
         return self.judge(requests, self.generate(requests), test)
 
     def engine_failure(
-        self, case: Case, failure: EngineFailure, test: str = "", known: str | None = None
+        self, params: str, failure: EngineFailure, test: str = "", known: str | None = None
     ) -> EngineFailureRecord:
-        """Record an engine failure met while running ``case`` (prompts and spec reproduce it)."""
-        params = f"prompts={_prompt_list(case.prompts)} {case.spec.describe()}"
+        """Record an engine failure; ``params`` says what reproduces it (see :func:`describe_case`)."""
         record = EngineFailureRecord(self.cell.id, params, failure.reason, failure.log_tail, known)
         self.handle.failures.append(record)
         if self.recorder is not None:
