@@ -32,7 +32,8 @@ from conformance.tolerances import Tolerance, precision_class, tolerance_for
 
 DTYPES = ("float32", "bfloat16", "float16")
 TIERS = ("cpu", "gpu")
-ENGINES = ("vllm",)
+ENGINES = ("vllm", "vllm-server")
+"""``vllm``: offline ``vllm.LLM``; ``vllm-server``: a ``vllm serve`` subprocess over HTTP (``/v1/completions``)."""
 
 
 class MatrixError(ValueError):
@@ -152,8 +153,11 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "tolerance": (dict,),
     "families": (list,),
 }
-FAMILIES = ("semantic", "inference-path", "chunked-prefill", "distribution", "precision", "execution-mode", "stress")
-OPT_IN_FAMILIES = ("chunked-prefill",)
+FAMILIES = (
+    "semantic", "inference-path", "chunked-prefill", "distribution", "precision", "execution-mode", "stress",
+    "server",
+)
+OPT_IN_FAMILIES = ("chunked-prefill", "server")
 """Families that need a dedicated cell configuration (e.g. a tiny step budget) and run only where listed."""
 _CHOICES: dict[str, tuple[str, ...]] = {
     "tier": TIERS,

@@ -27,7 +27,12 @@ EngineFactory = Callable[[Cell, Path], Engine]
 
 
 def default_engine_factory(cell: Cell, model_path: Path) -> Engine:
-    """The built-in adapter for ``cell.engine`` (``vllm``: the offline ``vllm.LLM``)."""
+    """The built-in adapter for ``cell.engine``: ``vllm`` the offline ``vllm.LLM``, ``vllm-server`` a
+    ``vllm serve`` subprocess (:mod:`conformance.engines.vllm_server`)."""
+    if cell.engine == "vllm-server":
+        from conformance.engines.vllm_server import VllmServerEngine
+
+        return VllmServerEngine(cell, model_path)
     from conformance.engines.vllm_offline import VllmOfflineEngine
 
     return VllmOfflineEngine(cell, model_path)
