@@ -42,6 +42,8 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("examples", {"default": "", "help": "override the profile's examples per test"}),
     ("shrink", {"default": "true", "help": "shrink failing examples to minimal parameters (false: report the first failure as drawn)"}),
     ("prompts", {"default": str(DEFAULT_PROMPTS), "help": "JSON list of prompt texts"}),
+    ("engine", {"default": "", "help": "module:factory building the engine under test, factory(cell, model_path) -> Engine (default: the cell's built-in adapter)"}),
+    ("trainer-fn", {"default": "", "help": "module:function giving your trainer's logits, fn(sequences[, model_path]) -> [len(completion), vocab] fp32 per sequence; replaces the HF fp32 reference"}),
     ("results", {"default": "", "help": "append one JSON record per check to this file"}),
     ("device", {"default": "", "help": "reference device (default: cuda when available, else cpu)"}),
     ("cache-dir", {"default": "", "help": "where built model variants are cached (default: pytest's cache)"}),
@@ -65,6 +67,11 @@ class ParityConfig:
     device: str
     cache_dir: Path
     _cells: list[Cell] | None = field(default=None, repr=False)
+    engine_factory: Any = None
+    """``--parity-engine``'s factory ``(cell, model_path) -> Engine``; None: the built-in adapters."""
+    trainer_fn: Any = None
+    """``--parity-trainer-fn``'s function (see :mod:`conformance.trainer`); None: the HF fp32 reference."""
+    trainer_fn_name: str = ""
 
     def selected_cells(self) -> list[Cell]:
         if self._cells is None:
@@ -124,6 +131,9 @@ def _resolve_config(config: pytest.Config) -> ParityConfig:
     else:
         cache_dir = config.rootpath / ".parity-cache"
     return ParityConfig(
+        engine_factory=_load_spec(config, "engine"),
+        trainer_fn=_load_spec(config, "trainer-fn"),
+        trainer_fn_name=_option(config, "trainer-fn"),
         model=_option(config, "model"),
         matrix=Path(_option(config, "matrix")),
         cells=[c.strip() for c in _option(config, "cells").split(",") if c.strip()],
@@ -137,6 +147,19 @@ def _resolve_config(config: pytest.Config) -> ParityConfig:
         device=device,
         cache_dir=cache_dir,
     )
+
+
+def _load_spec(config: pytest.Config, name: str) -> Any:
+    """Import a ``module:attribute`` option (one-line usage error when it does not resolve)."""
+    from conformance.trainer import SpecError, load_object
+
+    spec = _option(config, name)
+    if not spec:
+        return None
+    try:
+        return load_object(spec, f"--parity-{name}")
+    except SpecError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def _check_model_spec(spec: str, where: str) -> None:
@@ -271,16 +294,23 @@ def parity_model_path(cell: Cell, parity_config: ParityConfig, parity_models: An
 
 @pytest.fixture(scope="session")
 def parity_references(parity_config: ParityConfig) -> Any:
-    """fp32 HF references per model directory, loaded once."""
+    """References per model directory, loaded once: the fp32 HF model, or with ``--parity-trainer-fn`` the
+    user's trainer function (:class:`~conformance.trainer.TrainerFnReference`, probed once on first use)."""
     from conformance.reference import HFReference, ReferenceError
+    from conformance.trainer import TrainerFnError, TrainerFnReference
 
-    loaded: dict[Path, HFReference] = {}
+    loaded: dict[Path, Any] = {}
 
-    def get(path: Path) -> HFReference:
+    def get(path: Path) -> Any:
         if path not in loaded:
             try:
-                loaded[path] = HFReference(path, device=parity_config.device)
-            except ReferenceError as exc:
+                if parity_config.trainer_fn is not None:
+                    reference = TrainerFnReference(parity_config.trainer_fn, path, parity_config.trainer_fn_name)
+                    reference.probe()
+                    loaded[path] = reference
+                else:
+                    loaded[path] = HFReference(path, device=parity_config.device)
+            except (ReferenceError, TrainerFnError) as exc:
                 pytest.fail(str(exc), pytrace=False)
         return loaded[path]
 
@@ -303,11 +333,21 @@ def parity_tokenizers() -> Any:
 
 
 @pytest.fixture(scope="session")
-def parity_engine(cell: Cell, parity_model_path: Path) -> Any:
+def parity_engine_factory(parity_config: ParityConfig) -> Any:
+    """The engine factory ``(cell, model_path) -> Engine``: ``--parity-engine``'s, else the built-in one."""
+    if parity_config.engine_factory is not None:
+        return parity_config.engine_factory
+    from conformance.runner import default_engine_factory
+
+    return default_engine_factory
+
+
+@pytest.fixture(scope="session")
+def parity_engine(cell: Cell, parity_model_path: Path, parity_engine_factory: Any) -> Any:
     """The cell's :class:`~conformance.runner.EngineHandle` (closed when the session moves to another cell)."""
     from conformance.runner import EngineHandle
 
-    handle = EngineHandle(cell, parity_model_path)
+    handle = EngineHandle(cell, parity_model_path, parity_engine_factory)
     yield handle
     handle.close()
 
