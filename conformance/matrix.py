@@ -154,7 +154,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "families": (list,),
 }
 FAMILIES = (
-    "semantic", "inference-path", "chunked-prefill", "distribution", "precision", "execution-mode", "stress",
+    "semantic", "inference-path", "chunked-prefill", "distribution", "precision", "execution-mode", "stress", "golden",
     "server",
 )
 OPT_IN_FAMILIES = ("chunked-prefill", "server")

@@ -113,6 +113,17 @@ class ParityReport:
             "alternatives": self.alternatives,
             "tolerance": self.tolerance.__dict__,
             "worst": [r.__dict__ | {"excess": r.excess} for r in self.worst()],
+            "tokens": self.token_series(),
+        }
+
+    def token_series(self) -> dict[str, list[float]]:
+        """Per sampled token with finite values, compact (4 significant digits): position ``pos``,
+        Δ = expected − engine ``delta`` and the expected probability ``p`` (for the report's plots)."""
+        rows = [r for r in self.rows if r.kind == "sampled" and math.isfinite(r.engine) and math.isfinite(r.expected)]
+        return {
+            "pos": [r.position for r in rows],
+            "delta": [float(f"{r.expected - r.engine:.4g}") for r in rows],
+            "p": [float(f"{math.exp(r.expected):.4g}") for r in rows],
         }
 
     def explain(self) -> str:

@@ -30,6 +30,7 @@ MARKERS = {
     "gpu": "needs a CUDA GPU; skipped with the reason elsewhere",
     "selftest": "the kit's own fault-injection self-tests (start real engines)",
     "family": "family(name): the test family; a cell's `families` key selects which families it runs",
+    "golden": "golden-tensor verification of the cell's engine (select with -m golden; record with --parity-record-golden)",
 }
 
 _OPTIONS: list[tuple[str, dict[str, Any]]] = [
@@ -47,6 +48,7 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("results", {"default": "", "help": "append one JSON record per check to this file"}),
     ("device", {"default": "", "help": "reference device (default: cuda when available, else cpu)"}),
     ("cache-dir", {"default": "", "help": "where built model variants are cached (default: pytest's cache)"}),
+    ("golden-dir", {"default": "", "help": "golden tensor directory (default: <rootdir>/golden)"}),
 ]
 
 
@@ -66,6 +68,8 @@ class ParityConfig:
     results: Path | None
     device: str
     cache_dir: Path
+    golden_dir: Path = Path("golden")
+    record_golden: bool = False
     _cells: list[Cell] | None = field(default=None, repr=False)
     engine_factory: Any = None
     """``--parity-engine``'s factory ``(cell, model_path) -> Engine``; None: the built-in adapters."""
@@ -89,6 +93,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         ini = "parity_" + name.replace("-", "_")
         group.addoption(f"--parity-{name}", dest=ini, default=None, help=spec["help"])
         parser.addini(ini, spec["help"], default=spec["default"])
+    group.addoption(
+        "--parity-record-golden", dest="parity_record_golden", action="store_const", const="true", default=None,
+        help="(re)write the golden tensors of the selected cells, then verify against them",
+    )
+    parser.addini("parity_record_golden", "record golden tensors (true/false)", default="false")
 
 
 def _option(config: pytest.Config, name: str) -> str:
@@ -130,6 +139,10 @@ def _resolve_config(config: pytest.Config) -> ParityConfig:
         cache_dir = Path(config.cache.mkdir("parity-models"))
     else:
         cache_dir = config.rootpath / ".parity-cache"
+    golden = _option(config, "golden-dir")
+    record_golden = _option(config, "record-golden").lower()
+    if record_golden not in ("true", "false", "1", "0", "yes", "no"):
+        raise pytest.UsageError(f"parity_record_golden {record_golden!r}: expected true or false")
     return ParityConfig(
         engine_factory=_load_spec(config, "engine"),
         trainer_fn=_load_spec(config, "trainer-fn"),
@@ -146,6 +159,8 @@ def _resolve_config(config: pytest.Config) -> ParityConfig:
         results=Path(results) if results else None,
         device=device,
         cache_dir=cache_dir,
+        golden_dir=Path(golden) if golden else config.rootpath / "golden",
+        record_golden=record_golden in ("true", "1", "yes"),
     )
 
 
@@ -211,7 +226,9 @@ def pytest_configure(config: pytest.Config) -> None:
     parity = _resolve_config(config)
     _validate(parity)
     config.stash[CONFIG_KEY] = parity
-    recorder = Recorder(results_path=parity.results)
+    from conformance.versions import environment_versions
+
+    recorder = Recorder(results_path=parity.results, versions=environment_versions(parity.device))
     config.stash[RECORDER_KEY] = recorder
     if parity.results is not None:
         parity.results.parent.mkdir(parents=True, exist_ok=True)

@@ -122,9 +122,10 @@ class Recorder:
     engine_failures: list[EngineFailureRecord] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
 
-    def add(self, test: str, report: ParityReport) -> None:
+    def add(self, test: str, report: ParityReport, extra: dict[str, Any] | None = None) -> None:
+        """Keep ``report`` for the summary and write its record (plus ``extra`` keys) to the results file."""
         self.reports.append((test, report.cell, report))
-        self._write({"kind": "check", "test": test, **report.as_record()})
+        self._write({"kind": "check", "test": test, **report.as_record(), **(extra or {})})
 
     def add_failure(self, test: str, failure: EngineFailureRecord) -> None:
         self.engine_failures.append(failure)

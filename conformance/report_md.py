@@ -1,0 +1,170 @@
+"""Markdown summary of parity results, fit for a CI job summary (``$GITHUB_STEP_SUMMARY``).
+
+Sections, most urgent first: failures (cell, test, params, layer, reasons, worst token), a per-cell
+table of the latest run (failing cells first), the golden drift table when the run verified goldens,
+the worst tokens overall, a comparison across runs when several are given, and the plots.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from conformance.results import Run, finite, series_of
+
+
+def _g(value: Any, digits: int = 3) -> str:
+    if not isinstance(value, (int, float)) or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}g}"
+
+
+def _versions(run: Run) -> str:
+    v = run.versions
+    return ", ".join(f"{k} {v[k]}" for k in ("vllm", "torch", "transformers", "kit", "device") if k in v) or "versions not recorded"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def _cell_rows(run: Run) -> list[list[str]]:
+    by_cell: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in run.checks:
+        by_cell[(str(record.get("cell")), series_of(record))].append(record)  # type: ignore[index]
+    fails: dict[str, int] = defaultdict(int)
+    for failure in run.failures:
+        fails[str(failure.get("cell"))] += 1
+    rows = []
+    for (cell, series), records in by_cell.items():
+        deltas = [abs(d) for r in records for d in finite((r.get("tokens") or {}).get("delta", []))]
+        signed = [d for r in records for d in finite((r.get("tokens") or {}).get("delta", []))]
+        failed = sum(not r.get("passed", True) for r in records)
+        layers = sorted({str(r.get("layer")) for r in records if r.get("layer")})
+        rows.append((
+            -failed, cell, series,
+            [cell, series, str(len(records)), str(failed), ",".join(layers) or "-", str(len(deltas)),
+             _g(max(deltas)) if deltas else "-", _g(sum(deltas) / len(deltas)) if deltas else "-",
+             _g(sum(signed) / len(signed), 2) if signed else "-",
+             str(sum(int(r.get("boundary_tokens", 0)) for r in records)), str(fails.get(cell, 0))],
+        ))
+    return [r[-1] for r in sorted(rows, key=lambda r: r[:3])]
+
+
+def _failures(run: Run, limit: int = 20) -> list[str]:
+    lines: list[str] = []
+    failed = [r for r in run.checks if not r.get("passed", True)]
+    for record in failed[:limit]:
+        lines.append(
+            f"- **{record.get('cell')}** `{record.get('test')}` [layer: {record.get('layer')}] "
+            f"params `{record.get('params')}`"
+        )
+        for reason in (record.get("reasons") or [])[:3]:
+            lines.append(f"  - {reason}")
+        worst = (record.get("worst") or [None])[0]
+        if worst:
+            lines.append(
+                f"  - worst token: seq {worst.get('sequence')} pos {worst.get('position')} token {worst.get('token')}: "
+                f"engine {_g(worst.get('engine'), 6)} vs expected {_g(worst.get('expected'), 6)} (|Δ| {_g(worst.get('excess'))})"
+            )
+    if len(failed) > limit:
+        lines.append(f"- ... and {len(failed) - limit} more failed checks")
+    for failure in run.failures:
+        tag = f"known finding {failure['known']}" if failure.get("known") else "engine failure"
+        lines.append(f"- **{failure.get('cell')}** {tag}: {failure.get('reason')} (params: {failure.get('params')})")
+    return lines
+
+
+def _golden_rows(run: Run) -> list[list[str]]:
+    grouped: dict[tuple[str, str], dict[str, dict[str, Any]]] = defaultdict(dict)
+    for record in run.checks:
+        golden = record.get("golden")
+        if isinstance(golden, dict):
+            grouped[(str(record.get("cell")), str(golden.get("case")))][series_of(record)] = record
+    rows = []
+    current = run.versions.get("vllm", "?")
+    for (cell, case), pair in sorted(grouped.items()):
+        g, ref = pair.get("vs golden", {}), pair.get("replay vs reference", {})
+        info = (g or ref).get("golden", {})
+        gm, rm = g.get("metrics", {}), ref.get("metrics", {})
+        agree = info.get("token_agreement")
+        bound = info.get("min_token_agreement")
+        rows.append([
+            cell, case, str(info.get("recorded_versions", {}).get("vllm", "?")), current,
+            (_g(agree) + (f" (≥ {bound:g})" if isinstance(bound, (int, float)) else "")) if agree is not None else "-",
+            _g(gm.get("max_abs")), _g(gm.get("mean_abs")), _g(gm.get("mean_signed"), 2),
+            _g(rm.get("max_abs")), str(info.get("verdict", "-")).upper(),
+        ])
+    return sorted(rows, key=lambda r: (r[-1] != "FAIL", r[0], r[1]))
+
+
+def _worst_tokens(run: Run, limit: int = 10) -> list[list[str]]:
+    rows = []
+    for record in run.checks:
+        for w in record.get("worst") or []:
+            excess = w.get("excess")
+            if isinstance(excess, (int, float)) and excess > 0:
+                rows.append((excess, record, w))
+    rows.sort(key=lambda t: -t[0])
+    return [
+        [str(rec.get("cell")), series_of(rec), f"`{rec.get('test')}`", f"{w.get('sequence')}/{w.get('position')}/{w.get('token')}",
+         w.get("kind", "-"), _g(w.get("engine"), 6), _g(w.get("expected"), 6), _g(excess)]
+        for excess, rec, w in rows[:limit]
+    ]
+
+
+def _trend_rows(runs: list[Run]) -> list[list[str]]:
+    rows = []
+    for run in runs:
+        deltas = [abs(d) for r in run.checks for d in finite((r.get("tokens") or {}).get("delta", []))]
+        rows.append([
+            run.path.name, run.versions.get("vllm", "?"), str(len(run.checks)),
+            str(sum(not r.get("passed", True) for r in run.checks)), str(len(run.failures)),
+            _g(max(deltas)) if deltas else "-", _g(sum(deltas) / len(deltas)) if deltas else "-",
+        ])
+    return rows
+
+
+def markdown_report(runs: list[Run], plots: list[Path], out: Path) -> str:
+    """The report of ``runs`` (the last one is summarised in detail); plot links are relative to ``out``."""
+    latest = runs[-1]
+    failed = sum(not r.get("passed", True) for r in latest.checks)
+    status = "FAILED" if failed or any(not f.get("known") for f in latest.failures) else "passed"
+    lines = [
+        f"# logprob parity report: {status}",
+        "",
+        f"Run `{latest.path.name}`: {len(latest.checks)} checks, {failed} failed, {len(latest.failures)} engine failures; {_versions(latest)}.",
+        "Δ = expected − engine in nats (for golden checks: new build's replay − golden value).",
+        "",
+    ]
+    fail_lines = _failures(latest)
+    if fail_lines:
+        lines += ["## Failures", "", *fail_lines, ""]
+    lines += ["## Per cell", ""]
+    lines += _table(
+        ["cell", "comparison", "checks", "failed", "layers", "tokens", "max abs Δ", "mean abs Δ", "mean Δ", "boundary", "engine fails"],
+        _cell_rows(latest),
+    )
+    golden = _golden_rows(latest)
+    if golden:
+        lines += ["", "## Golden drift (teacher-forced replay)", ""]
+        lines += _table(
+            ["cell", "case", "recorded vllm", "verified vllm", "greedy/regen token agreement",
+             "max abs Δ vs golden", "mean abs Δ vs golden", "mean Δ vs golden", "max abs Δ vs fp32 ref", "verdict"],
+            golden,
+        )
+    worst = _worst_tokens(latest)
+    if worst:
+        lines += ["", "## Worst tokens (distance from the legitimate range)", ""]
+        lines += _table(["cell", "comparison", "test", "seq/pos/token", "kind", "engine", "expected", "abs Δ"], worst)
+    if len(runs) > 1:
+        lines += ["", "## Across runs", ""]
+        lines += _table(["file", "vllm", "checks", "failed", "engine fails", "max abs Δ", "mean abs Δ"], _trend_rows(runs))
+    if plots:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{p.stem}]({p.relative_to(out).as_posix() if p.is_relative_to(out) else p})" for p in plots]
+    return "\n".join(lines) + "\n"
