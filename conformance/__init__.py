@@ -9,6 +9,10 @@ Public API for custom tests (the suite under :mod:`conformance.suite` is built f
   reference and explain the verdict (layer, worst tokens, metrics).
 * :func:`compute_metrics`: the RL metrics of Δ = trainer − engine.
 * :class:`HFReference`, :class:`ParityRunner`, :class:`EngineHandle`: drive an engine and the reference.
+* :func:`assert_logprob_parity`: one call for a custom test: engine (or samples) vs a reference or your
+  trainer's logits function (:class:`Reference`, :class:`TrainerFnReference`), with the kit's verdict.
+* Engines: the :class:`Engine` protocol (:class:`Request`, :class:`Sample`, :class:`EngineFailure`) and
+  the built-in :class:`VllmOfflineEngine` and :class:`VllmServerEngine`; :func:`default_engine_factory`.
 """
 
 from importlib import import_module
@@ -33,6 +37,19 @@ _EXPORTS = {
     "HFReference": "conformance.reference",
     "ParityRunner": "conformance.runner",
     "EngineHandle": "conformance.runner",
+    "default_engine_factory": "conformance.runner",
+    "assert_logprob_parity": "conformance.api",
+    "Reference": "conformance.trainer",
+    "TrainerFnReference": "conformance.trainer",
+    "Engine": "conformance.engines.base",
+    "EngineFailure": "conformance.engines.base",
+    "Request": "conformance.engines.base",
+    "Sample": "conformance.engines.base",
+    "Cell": "conformance.matrix",
+    "load_matrix": "conformance.matrix",
+    "Tolerance": "conformance.tolerances",
+    "VllmOfflineEngine": "conformance.engines.vllm_offline",
+    "VllmServerEngine": "conformance.engines.vllm_server",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,93 @@
+"""One-call parity assertion for custom tests in another repository.
+
+:func:`assert_logprob_parity` sends requests to an engine (or takes samples you already have), scores
+the same tokens with a reference (the kit's fp32 HF model, any :class:`~conformance.trainer.Reference`,
+or your trainer's logits function), reads them through the kit's contract and raises ``AssertionError``
+with the kit's explanation (layer, worst tokens, RL metrics) unless they agree within the tolerance::
+
+    from conformance import SamplingSpec, Request, assert_logprob_parity
+    from conformance.engines.vllm_server import VllmServerEngine
+
+    engine = VllmServerEngine(cell, model_dir)            # or your own Engine implementation
+    report = assert_logprob_parity(engine, my_trainer_logits, [Request(prompt_ids, SamplingSpec(temperature=0.7))],
+                                   cell=cell, trainer="processed", model_path=model_dir)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from conformance.contract import TrainerSemantics
+from conformance.engines.base import Engine, Request, Sample
+from conformance.matrix import Cell
+from conformance.parity import ParityReport, SequenceInput, check_parity
+from conformance.tolerances import Tolerance
+from conformance.trainer import Reference, TrainerFnReference
+
+
+def as_reference(reference: Reference | Callable[..., Sequence[Any]], model_path: Path | None = None) -> Reference:
+    """``reference`` itself when it has ``raw_logits``, else a trainer logits function wrapped as one."""
+    if hasattr(reference, "raw_logits") and hasattr(reference, "vocab_size"):
+        return reference  # type: ignore[return-value]
+    return TrainerFnReference(reference, model_path)  # type: ignore[arg-type]
+
+
+def assert_logprob_parity(
+    engine: Engine,
+    reference: Reference | Callable[..., Sequence[Any]],
+    requests: Sequence[Request],
+    *,
+    cell: Cell | None = None,
+    tolerance: Tolerance | None = None,
+    trainer: TrainerSemantics | None = None,
+    samples: Sequence[Sequence[Sample]] | None = None,
+    model_path: Path | None = None,
+    decode: Callable[[int], str] | None = None,
+) -> ParityReport:
+    """Assert that ``engine``'s logprobs for ``requests`` are what ``reference`` and the contract say.
+
+    * ``engine``: a started :class:`~conformance.engines.base.Engine` (its ``token_context`` and
+      ``logprobs_mode`` are used even when ``samples`` are given).
+    * ``reference``: an object with ``raw_logits`` / ``vocab_size`` (e.g. :class:`~conformance.HFReference`)
+      or a trainer logits function ``fn(sequences[, model_path]) -> [len(completion), vocab]`` per sequence.
+    * ``requests``: all with the same :class:`~conformance.contract.SamplingSpec` (one verdict per spec).
+    * ``cell`` gives the tolerance and names the verdict; or pass ``tolerance`` (then the cell is "custom").
+    * ``trainer``: what your trainer computes (``processed``, ``temperature-only``, ``raw``); default:
+      the engine's logprobs mode, i.e. the engine is judged against its own declared semantics.
+    * ``samples``: the engine's output for ``requests`` if you already generated it (else generated here).
+
+    Returns the :class:`~conformance.parity.ParityReport`; raises ``AssertionError`` with
+    ``report.explain()`` when it failed, ``ValueError`` for inconsistent arguments.
+    """
+    if not requests:
+        raise ValueError("assert_logprob_parity: no requests")
+    spec = requests[0].spec
+    if any(r.spec != spec for r in requests):
+        raise ValueError("assert_logprob_parity: all requests must share one SamplingSpec (call once per spec)")
+    if tolerance is None:
+        if cell is None:
+            raise ValueError("assert_logprob_parity: pass cell= or tolerance=")
+        tolerance = cell.tolerance
+    if samples is None:
+        samples = engine.generate(requests)
+    if len(samples) != len(requests):
+        raise ValueError(f"assert_logprob_parity: {len(samples)} sample groups for {len(requests)} requests")
+    ref = as_reference(reference, model_path)
+    flat = [(r, s) for r, group in zip(requests, samples) for s in group]
+    logits = ref.raw_logits([(s.prompt_ids, s.output_ids) for _, s in flat])
+    contexts = {id(r): engine.token_context(r) for r in requests}
+    inputs = [SequenceInput(s, lg, contexts[id(r)]) for (r, s), lg in zip(flat, logits)]
+    report = check_parity(
+        inputs,
+        spec,
+        trainer if trainer is not None else engine.logprobs_mode,
+        tolerance,
+        cell.id if cell is not None else "custom",
+        engine_description=engine.description,
+        trainer_declared=trainer is not None,
+        decode=decode,
+    )
+    assert report.passed, report.explain()
+    return report
