@@ -214,6 +214,7 @@ def _alternatives(spec: SamplingSpec) -> dict[str, Callable[[ProcessedDistributi
         presence_penalty=0.0,
     )
     double_t = replace(spec, temperature=spec.effective_temperature**2) if not spec.greedy else spec
+    no_t = replace(spec, temperature=1.0) if not spec.greedy else spec
 
     def renormalised(s: SamplingSpec) -> Callable[..., torch.Tensor]:
         return lambda d, raw, sp, ctx, out: contract.processed_distribution(raw, out, s, ctx).logprobs
@@ -227,6 +228,7 @@ def _alternatives(spec: SamplingSpec) -> dict[str, Callable[[ProcessedDistributi
         "processed, not renormalised after truncation": lambda d, raw, sp, ctx, out: torch.log_softmax(d.scaled, dim=-1).masked_fill(~d.kept, -math.inf),
         "processed without penalties/bias/masks": renormalised(stripped),
         "processed with temperature applied twice": renormalised(double_t),
+        "processed without temperature": renormalised(no_t),
     }
 
 
@@ -356,10 +358,13 @@ def check_parity(
         report.reasons = [objective + " (no engine can match it)"] + numeric
         return report
     report.reasons = reasons + numeric
-    if violations:
-        report.layer = "semantic"
-        return report
     matches = _matching_alternative(report, target, tolerance)
+    if violations:
+        # a violation is semantic by itself; a matching semantics (if any) says which bug explains it
+        report.layer = "semantic"
+        if matches:
+            report.reasons.insert(0, matches)
+        return report
     if matches:
         report.layer = "semantic"
         report.reasons.insert(0, matches)
