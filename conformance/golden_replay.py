@@ -32,7 +32,6 @@ from conformance.engines.base import EngineFailure, Request, Sample
 from conformance.golden import GOLDEN_PROMPT_TOKENS, GoldenCase, GoldenError
 from conformance.parity import ParityReport, SequenceInput, check_parity, scaled_tolerance
 from conformance.runner import ParityRunner
-from conformance.tolerances import Tolerance
 
 MIN_TOKEN_AGREEMENT = {"float32": 1.0, "lower": 0.5}
 """Default greedy token agreement a build must reach: exact in fp32; in bf16/fp16 one near-tie flip

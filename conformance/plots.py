@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from conformance.results import Run, finite, series_of
+from conformance.results import Run, series_of
 
 FLOOR = 1e-9
 """|Δ| below this (exact agreement) is drawn at this value on log axes."""
@@ -174,24 +174,29 @@ def trend(runs: list[Run], out: Path) -> Path:
     plt = _pyplot()
     fig, (ax_max, ax_mean) = plt.subplots(1, 2, figsize=(11, 4.8))
     cmap = plt.get_cmap("tab10")
-    cells = sorted({c for run in runs for c in run.cells()})
     xs = list(range(len(runs)))
-    for i, cell in enumerate(cells):
+    tokens = [_tokens(run) for run in runs]
+    keys = sorted({k for t in tokens for k in t}, key=lambda k: (k[0], k[1]))
+    cells = sorted({cell for cell, _ in keys})
+    styles = {"parity": "-o", "replay vs reference": "-o", "vs golden": "--s"}
+    for cell, series in keys:
+        i = cells.index(cell)
         worst, mean = [], []
-        for run in runs:
-            deltas = [abs(d) for (c, _s), t in _tokens(run).items() if c == cell for d in t["delta"]]
+        for t in tokens:
+            deltas = [abs(d) for d in t.get((cell, series), {}).get("delta", [])]
             worst.append(max(max(deltas), FLOOR) if deltas else math.nan)
             mean.append(max(sum(deltas) / len(deltas), FLOOR) if deltas else math.nan)
-        ax_max.plot(xs, worst, "-o", color=cmap(i % 10), label=cell)
-        ax_mean.plot(xs, mean, "-o", color=cmap(i % 10), label=cell)
+        label = f"{cell} ({series})"
+        ax_max.plot(xs, worst, styles.get(series, "-o"), color=cmap(i % 10), label=label)
+        ax_mean.plot(xs, mean, styles.get(series, "-o"), color=cmap(i % 10), label=label)
     for ax, name in ((ax_max, "max |Δ|"), (ax_mean, "mean |Δ|")):
         ax.set_yscale("log")
         ax.set_xticks(xs, [run.label for run in runs], fontsize=8)
         ax.set_ylabel(f"{name} (nats)")
         ax.set_title(f"{name} per cell across runs")
         ax.grid(True, alpha=0.3)
-    ax_mean.legend(fontsize=8, loc="best")
-    fig.suptitle("Trend across runs / versions", fontsize=12)
+    ax_mean.legend(fontsize=7, loc="best")
+    fig.suptitle("Trend across runs / versions (solid: engine vs fp32 reference; dashed: vs golden)", fontsize=12)
     fig.tight_layout()
     path = out / "trend.png"
     fig.savefig(path)

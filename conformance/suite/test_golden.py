@@ -18,7 +18,16 @@ from typing import Any
 import pytest
 
 from conformance.engines.base import EngineFailure
-from conformance.golden import GOLDEN_CASES, GOLDEN_PROMPTS, RECORD_COMMAND, FORMAT_VERSION, GoldenError, GoldenStore, file_for, model_hash
+from conformance.golden import (
+    FORMAT_VERSION,
+    GOLDEN_CASES,
+    GOLDEN_PROMPTS,
+    RECORD_COMMAND,
+    GoldenError,
+    GoldenStore,
+    file_for,
+    model_hash,
+)
 from conformance.matrix import Cell
 from conformance.versions import environment_versions
 
