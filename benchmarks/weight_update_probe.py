@@ -1,10 +1,13 @@
-"""Probe the weight-update paths of the installed vLLM (groundwork for the weight-update tier).
+"""Measure every weight-update path of the installed vLLM on real engines (the data behind the tier).
 
-Starts one engine on the bundled model, makes W1 from W0 with seeded noise on a few tensors (a trainer
-stand-in), pushes W1 through each path, and measures mean |Δ| of greedy decode logprobs against fp32 HF
-references under W0 and under W1, with and without ``reset_prefix_cache()`` for a prompt cached under W0.
+Per cell: a trainer stand-in makes W1 from W0 (one AdamW step on four prompts, then seeded noise on three
+tensors); for each update path, the probe requests are first run under W0 (filling the prefix cache), W1 is
+pushed, optionally the prefix cache is reset, and the same requests are judged against fp32 references under
+W1 and W0 (mean |Δ| = mean distance of the returned sampled-token values from their legitimate range).
+Then: a partial push (one tensor left out), five refits of unchanged weights, and the lm_head dtype after an
+update. Each measurement restores W0 afterwards.
 
-    .venv/bin/python benchmarks/weight_update_probe.py [--cell fp32-processed] [--json OUT]
+    .venv/bin/python benchmarks/weight_update_probe.py [--cells fp32-processed,bf16-processed] [--json OUT] [--md OUT]
 """
 
 from __future__ import annotations
@@ -12,93 +15,116 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import Any
 
 
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from conformance.contract import SamplingSpec
-    from conformance.engines.base import EngineFailure, Request
+    from conformance.engines.base import EngineFailure
     from conformance.matrix import load_matrix, select_cells
     from conformance.models import BUNDLED_MODEL
     from conformance.plugin import DEFAULT_MATRIX, DEFAULT_PROMPTS
-    from conformance.reference import HFReference
     from conformance.runner import EngineHandle, PromptSet
+    from conformance.weights import (
+        UPDATE_PATHS, TrainerStandIn, default_probes, head_dtype, judge_update, path_unavailable,
+        recommended_update, training_batch,
+    )
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--cell", default="fp32-processed")
+    parser.add_argument("--cells", default="fp32-processed,bf16-processed,bf16-processed-head32,fp32-processed-nocache")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--md", type=Path, default=None)
     args = parser.parse_args()
-    cell = select_cells(load_matrix(DEFAULT_MATRIX), [args.cell], "matrix")[0]
+    cells = select_cells(load_matrix(DEFAULT_MATRIX), args.cells.split(","), "matrix")
     tokenizer = AutoTokenizer.from_pretrained(BUNDLED_MODEL)
     prompts = PromptSet.load(DEFAULT_PROMPTS, tokenizer)
-    ref0 = HFReference(BUNDLED_MODEL)
-    # Trainer stand-in: seeded noise on a few tensors, W0 -> W1 (fp32 HF model as the trainer holds it).
-    model1 = AutoModelForCausalLM.from_pretrained(BUNDLED_MODEL, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(1234)
-    names = ["model.layers.1.mlp.down_proj.weight", "model.layers.3.self_attn.o_proj.weight", "lm_head.weight"]
-    state = dict(model1.named_parameters())
-    with torch.no_grad():
-        for name in names:
-            p = state[name]
-            p.add_(torch.randn(p.shape, generator=gen) * 0.3 * p.std())
-    ref1 = HFReference.__new__(HFReference)
-    ref1.model, ref1.device, ref1.model_path, ref1.max_batch_tokens = model1.eval(), "cpu", BUNDLED_MODEL, 16384
-    ref1.vocab_size = ref0.vocab_size
-    w1 = [(n, state[n].detach().clone()) for n in names]
-    w0 = [(n, dict(AutoModelForCausalLM.from_pretrained(BUNDLED_MODEL, dtype=torch.float32).named_parameters())[n].detach().clone()) for n in names]
+    trainer = TrainerStandIn(BUNDLED_MODEL)
+    w0 = trainer.w0
+    w1 = trainer.step(training_batch(prompts.ids))
+    ref0, ref1 = trainer.reference(w0), trainer.reference(w1)
+    probes = default_probes(prompts.ids)
+    rows: list[dict[str, Any]] = []
 
-    spec = SamplingSpec(temperature=0.0, max_tokens=16, logprobs=1)
-    long_prompt = tuple(t for i in (8, 9, 10) for t in prompts.ids[i][(0 if i == 8 else 1):])[:320]
-    requests = [Request(long_prompt, spec), Request(prompts.ids[0], spec), Request(prompts.ids[12], spec)]
+    for cell in cells:
+        handle = EngineHandle(cell, BUNDLED_MODEL)
+        engine = handle.engine
+        contexts = [engine.token_context(r) for r in probes.requests]
 
-    def distances(samples) -> dict[str, float]:
-        seqs = [(s.prompt_ids, s.output_ids) for g in samples for s in g]
-        out = {}
-        for label, ref in (("W0", ref0), ("W1", ref1)):
-            logits = ref.raw_logits(seqs)
-            deltas = []
-            for (p, o), lg, g in zip(seqs, logits, [s for g in samples for s in g]):
-                lp = lg.log_softmax(-1)
-                deltas += [abs(float(lp[i, t]) - v) for i, (t, v) in enumerate(zip(o, g.sampled_values))]
-            out[label] = float(np.mean(deltas))
-        return out
-
-    results = {}
-    handle = EngineHandle(cell, BUNDLED_MODEL)
-    llm = handle.engine.llm
-    paths = {
-        "reload_weights": lambda w: llm.collective_rpc(lambda self: self.reload_weights(weights_iterator=iter(w))),
-        "model.load_weights": lambda w: llm.collective_rpc(lambda self: self.model_runner.model.load_weights(w)),
-    }
-    for path, push in paths.items():
-        for reset in (False, True):
-            key = f"{path}, {'reset' if reset else 'no reset'}"
+        def measure(label: str, path_name: str, push: Any, reset: bool, new: Any, ref_new: Any = None) -> None:
+            nonlocal engine
+            start = time.perf_counter()
             try:
-                handle.engine.reset_prefix_cache()
-                handle.engine.generate(requests)  # cache the prompts under W0
-                push(w1)
+                engine.reset_prefix_cache()
+                engine.generate(list(probes.requests))  # cache the probes under W0
+                push()
                 if reset:
-                    handle.engine.reset_prefix_cache()
-                results[key] = distances(handle.engine.generate(requests))
-                push(w0)
-                handle.engine.reset_prefix_cache()
-                results[key]["after restoring W0"] = distances(handle.engine.generate(requests))["W0"]
-            except (EngineFailure, Exception) as exc:  # noqa: BLE001 - a path the engine lacks is a result
-                results[key] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
-                if getattr(handle.engine, "dead", False):
+                    engine.reset_prefix_cache()
+                samples = engine.generate(list(probes.requests))
+                report = judge_update(
+                    probes.requests, samples, contexts, trainer, new, w0, cell.logprobs_mode, cell.tolerance,
+                    cell.id, path_name, new_reference=ref_new, old_reference=ref0,
+                )
+                row = {
+                    "cell": cell.id, "measure": label, "path": path_name, "reset": reset,
+                    "to_W1": report.distance_new, "to_W0": report.distance_old,
+                    "passed": report.to_new.passed if new is w0 else report.passed,
+                    "diagnosis": report.diagnosis, "cached_sequences": report.cached_sequences,
+                }
+            except EngineFailure as exc:
+                row = {"cell": cell.id, "measure": label, "path": path_name, "reset": reset, "error": exc.reason[:300]}
+            finally:
+                try:
+                    recommended_update(engine, UPDATE_PATHS["reload-iterator"], w0)
+                except EngineFailure:
                     handle.close()
-                    handle = EngineHandle(cell, BUNDLED_MODEL)
-                    llm = handle.engine.llm
-            print(key, results[key], flush=True)
-    handle.close()
+                    engine = handle.engine
+            row["seconds"] = round(time.perf_counter() - start, 2)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+        for path in UPDATE_PATHS.values():
+            reason = path_unavailable(path, engine)
+            if reason:
+                rows.append({"cell": cell.id, "measure": "update", "path": path.name, "skipped": reason})
+                print(path.name, "skipped:", reason, flush=True)
+                continue
+            for reset in (False, True):
+                measure("update", path.name, lambda p=path: p.push(engine, w1, Path("/tmp/parity-probe")), reset, w1, ref1)
+        for name in ("model.layers.1.mlp.down_proj.weight", "model.layers.2.self_attn.q_proj.weight", "lm_head.weight"):
+            partial = w1.without(name)
+            measure(f"partial (without {name})", "reload-iterator",
+                    lambda p=partial: UPDATE_PATHS["reload-iterator"].push(engine, p, Path("/tmp")), True, w1, ref1)
+        for i in range(5):
+            measure(f"refit {i + 1} (W0 again)", "reload-iterator",
+                    lambda: UPDATE_PATHS["reload-iterator"].push(engine, w0, Path("/tmp")), True, w0, ref0)
+        try:
+            UPDATE_PATHS["reload-iterator"].push(engine, w1, Path("/tmp"))
+            rows.append({"cell": cell.id, "measure": "lm_head dtype after update", "value": head_dtype(engine)})
+            recommended_update(engine, UPDATE_PATHS["reload-iterator"], w0)
+            rows.append({"cell": cell.id, "measure": "lm_head dtype after restoring W0", "value": head_dtype(engine)})
+        except EngineFailure as exc:
+            rows.append({"cell": cell.id, "measure": "lm_head dtype", "error": exc.reason[:300]})
+        print(rows[-1], flush=True)
+        handle.close()
+
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        args.json.write_text(json.dumps(rows, indent=1))
+    table = ["| cell | measure | path | cache reset | mean abs Δ to W1 | to W0 | verdict | diagnosis / note |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "to_W1" in r:
+            verdict = "pass" if r["passed"] else "FAIL"
+            table.append(f"| {r['cell']} | {r['measure']} | {r['path']} | {'yes' if r['reset'] else 'no'} | {r['to_W1']:.2g} | {r['to_W0']:.2g} | {verdict} | {r['diagnosis'][:140]} |")
+        else:
+            note = r.get("skipped") or r.get("error") or r.get("value")
+            table.append(f"| {r['cell']} | {r['measure']} | {r.get('path', '')} | | | | {'skip' if 'skipped' in r else ('error' if 'error' in r else '')} | {str(note)[:160]} |")
+    text = "\n".join(table)
+    print(text)
+    if args.md:
+        args.md.write_text(text + "\n")
 
 
 if __name__ == "__main__":

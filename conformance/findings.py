@@ -9,7 +9,7 @@ that is already on record. Entries live in ``fixtures/known_findings.toml``::
     id = "vllm-cpu-seeded-split-prefill"
     engine = "vllm"
     versions = ">=0.32,<0.33"      # PEP 440 specifier of the engine version
-    match = "CPU Generator does not use offset"   # substring of the reason or log tail
+    match = "CPU Generator does not use offset"   # substring of the reason or log tail (or a list: any)
     summary = "..."
 """
 
@@ -30,11 +30,12 @@ class KnownFinding:
     id: str
     engine: str
     versions: str
-    match: str
+    match: str | list[str]
     summary: str
 
     def matches(self, engine: str, version: str | None, text: str) -> bool:
-        if engine != self.engine or self.match not in text or version is None:
+        needles = [self.match] if isinstance(self.match, str) else list(self.match)
+        if engine != self.engine or not any(n in text for n in needles) or version is None:
             return False
         try:
             return Version(version.split("+")[0]) in SpecifierSet(self.versions)

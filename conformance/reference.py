@@ -42,6 +42,17 @@ class HFReference:
         self.max_batch_tokens = max_batch_tokens
         self.vocab_size = int(self.model.config.vocab_size)
 
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, model_path: Path, device: str = "cpu", max_batch_tokens: int = 16384) -> "HFReference":
+        """A reference over an already-built fp32 model (e.g. a trainer's copy holding updated weights)."""
+        self = cls.__new__(cls)
+        self.model = model.to(device).eval()
+        self.device = device
+        self.model_path = model_path
+        self.max_batch_tokens = max_batch_tokens
+        self.vocab_size = int(model.config.vocab_size)  # type: ignore[union-attr]
+        return self
+
     @torch.no_grad()
     def raw_logits(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[torch.Tensor]:
         """fp32 logits ``[len(output), vocab]`` (on CPU) for each ``(prompt_ids, output_ids)`` pair."""

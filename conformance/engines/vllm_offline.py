@@ -221,6 +221,26 @@ class VllmOfflineEngine:
         if not self.llm.reset_prefix_cache():
             raise EngineFailure(f"cell {self.cell.id}: vLLM refused to reset the prefix cache")
 
+    def collective_rpc(self, method: Any, kwargs: dict[str, Any] | None = None) -> list[Any]:
+        """Run ``method`` (a worker method name, or a callable taking the worker) in every worker.
+
+        Callables need VLLM_ALLOW_INSECURE_SERIALIZATION=1, which the adapter sets for the engine's life.
+        A failure in the worker is an :class:`EngineFailure` naming the call and its first line.
+        """
+        what = method if isinstance(method, str) else getattr(method, "__name__", "callable")
+        try:
+            return list(self.llm.collective_rpc(method, kwargs=kwargs or {}))
+        except Exception as exc:  # noqa: BLE001 - the worker's error is a finding about the engine
+            self.dead = self._engine_is_dead(exc)
+            raise EngineFailure(
+                f"cell {self.cell.id}: collective_rpc({what}) failed in the engine: {type(exc).__name__}: {_summary(exc)}",
+                self.log_tail(),
+            ) from None
+
+    def reload_weights_from_path(self, checkpoint_dir: Path) -> None:
+        """Reload every weight from the safetensors checkpoint in ``checkpoint_dir`` (worker.reload_weights)."""
+        self.collective_rpc("reload_weights", {"weights_path": str(checkpoint_dir)})
+
     def scheduler_budget(self) -> int | None:
         """Prompt tokens one engine step takes (``max_num_batched_tokens``)."""
         config = self.llm.llm_engine.vllm_config
