@@ -155,7 +155,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 }
 FAMILIES = (
     "semantic", "inference-path", "chunked-prefill", "distribution", "precision", "execution-mode", "stress", "golden",
-    "server",
+    "server", "weight-update",
 )
 OPT_IN_FAMILIES = ("chunked-prefill", "server")
 """Families that need a dedicated cell configuration (e.g. a tiny step budget) and run only where listed."""
