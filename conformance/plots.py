@@ -172,7 +172,7 @@ def error_by_position(run: Run, out: Path) -> Path:
 def trend(runs: list[Run], out: Path) -> Path:
     """max |Δ| and mean |Δ| per cell across runs (x: run label in the order given)."""
     plt = _pyplot()
-    fig, (ax_max, ax_mean) = plt.subplots(1, 2, figsize=(11, 4.8))
+    fig, (ax_max, ax_mean) = plt.subplots(1, 2, figsize=(14, 4.8))
     cmap = plt.get_cmap("tab10")
     xs = list(range(len(runs)))
     tokens = [_tokens(run) for run in runs]
@@ -195,7 +195,7 @@ def trend(runs: list[Run], out: Path) -> Path:
         ax.set_ylabel(f"{name} (nats)")
         ax.set_title(f"{name} per cell across runs")
         ax.grid(True, alpha=0.3)
-    ax_mean.legend(fontsize=7, loc="best")
+    ax_mean.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle("Trend across runs / versions (solid: engine vs fp32 reference; dashed: vs golden)", fontsize=12)
     fig.tight_layout()
     path = out / "trend.png"
