@@ -57,7 +57,13 @@ def _cell_rows(run: Run) -> list[list[str]]:
 
 def _failures(run: Run, limit: int = 20) -> list[str]:
     lines: list[str] = []
-    failed = [r for r in run.checks if not r.get("passed", True)]
+    failed, seen = [], set()
+    for r in run.checks:
+        # hypothesis replays a failing example once more: report each distinct failure once
+        key = (r.get("cell"), r.get("test"), str(r.get("params")), tuple(r.get("reasons") or ()))
+        if not r.get("passed", True) and key not in seen:
+            seen.add(key)
+            failed.append(r)
     for record in failed[:limit]:
         lines.append(
             f"- **{record.get('cell')}** `{record.get('test')}` [layer: {record.get('layer')}] "
