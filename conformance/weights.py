@@ -490,5 +490,37 @@ def judge_update(
                     f"(mean |Δ| {judged.residual.mean_abs:.3g}): that tensor did not reach the engine"
                 )
                 return report
-    report.diagnosis = "the engine matches neither W1, nor W0, nor W1 with any single tensor left at W0 or zeroed"
+    for group in fused_groups(new.changed_from(old)):
+        stale = WeightSet(f"{new.label} with {', '.join(group)} at W0", {**new.tensors, **{n: old.tensors[n] for n in group}})
+        judged = _judge(requests, samples, contexts, trainer.reference(stale), target, tolerance, cell)
+        assert judged is not None
+        report.candidates[" + ".join(group) + " at W0"] = judged.residual.mean_abs
+        if judged.passed:
+            report.diagnosis = (
+                f"partial update: the engine matches W1 with the fused group {', '.join(group)} "
+                f"({layer_of(group[0])}) still at W0 (mean |Δ| {judged.residual.mean_abs:.3g}): vLLM loads these "
+                f"into one fused parameter and kept all of them at W0, so at least one of them was left out of the push"
+            )
+            return report
+    report.diagnosis = (
+        "the engine matches neither W1, nor W0, nor W1 with any single tensor or fused group left at W0 or zeroed"
+    )
     return report
+
+
+FUSED_PARTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+"""Checkpoint tensors vLLM loads into one fused parameter (qkv_proj, gate_up_proj)."""
+
+
+def fused_groups(names: Sequence[str]) -> list[tuple[str, ...]]:
+    """Groups of ``names`` that vLLM fuses into one parameter (e.g. a layer's q/k/v projections)."""
+    present = set(names)
+    groups = []
+    for name in names:
+        for parts in FUSED_PARTS:
+            head = f".{parts[0]}."
+            if head in name:
+                group = tuple(name.replace(head, f".{p}.") for p in parts)
+                if all(g in present for g in group):
+                    groups.append(group)
+    return groups
