@@ -201,6 +201,15 @@ def _range(target: Target, dist: ProcessedDistribution, values: torch.Tensor, po
     return (point, point)
 
 
+def _one_position_late(values: torch.Tensor, output_ids: Sequence[int]) -> torch.Tensor:
+    """Row ``pos`` filled with the value of the token sampled at ``pos - 1`` (row 0 unchanged): what a
+    reporting off-by-one returns for the sampled token."""
+    table = values.clone()
+    for pos in range(1, min(len(output_ids), table.shape[0])):
+        table[pos, :] = values[pos - 1, output_ids[pos - 1]]
+    return table
+
+
 def _alternatives(spec: SamplingSpec) -> dict[str, Callable[[ProcessedDistribution, torch.Tensor, SamplingSpec, TokenContext, Sequence[int]], torch.Tensor]]:
     """Other meanings an engine's numbers may have; each maps (dist, raw, spec, ctx, out) -> values."""
     stripped = replace(
@@ -229,6 +238,7 @@ def _alternatives(spec: SamplingSpec) -> dict[str, Callable[[ProcessedDistributi
         "processed without penalties/bias/masks": renormalised(stripped),
         "processed with temperature applied twice": renormalised(double_t),
         "processed without temperature": renormalised(no_t),
+        "processed, sampled-token values one position late": lambda d, raw, sp, ctx, out: _one_position_late(d.logprobs, out),
     }
 
 
