@@ -295,6 +295,14 @@ def path_unavailable(path: UpdatePath, engine: Engine) -> str | None:
     return path.unavailable(engine)
 
 
+def default_path(engine: Engine) -> UpdatePath:
+    """The first update path this engine supports (reload from tensors, else from a checkpoint directory)."""
+    for name in ("reload-iterator", "reload-path"):
+        if path_unavailable(UPDATE_PATHS[name], engine) is None:
+            return UPDATE_PATHS[name]
+    raise EngineFailure(f"{type(engine).__name__}: no weight-update path is available (needs collective_rpc or reload_weights_from_path)")
+
+
 def recommended_update(engine: Engine, path: UpdatePath, weights: WeightSet, workdir: Path | None = None) -> None:
     """The update sequence the kit documents for RL users.
 

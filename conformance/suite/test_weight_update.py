@@ -24,6 +24,7 @@ from conformance.weights import (
     TrainerStandIn,
     UpdateReport,
     WeightSet,
+    default_path,
     default_probes,
     head_dtype,
     judge_update,
@@ -88,10 +89,14 @@ def _generate(runner: Any, kit: UpdateKit, test: str) -> Any:
         pytest.fail(engine_failure_message(record), pytrace=False)
 
 
-def _push(runner: Any, path_name: str, weights: WeightSet, test: str) -> None:
-    """The recommended update sequence; an engine failure is a finding (xfail when known)."""
+def _push(runner: Any, path_name: str | None, weights: WeightSet, test: str) -> None:
+    """The recommended update sequence (``path_name`` None: the engine's default path); an engine failure
+    is a finding (xfail when known)."""
     try:
-        recommended_update(runner.handle.engine, UPDATE_PATHS[path_name], weights)
+        engine = runner.handle.engine
+        path = UPDATE_PATHS[path_name] if path_name else default_path(engine)
+        path_name = path.name
+        recommended_update(engine, path, weights)
     except EngineFailure as exc:
         finding = known_finding_for(runner, exc)
         repro = f"push {weights.label} ({len(weights.tensors)} tensors) via {path_name}"
@@ -107,7 +112,7 @@ def restores_w0(parity_runner: Any, kit: UpdateKit) -> Iterator[None]:
     yield
     handle = parity_runner.handle
     try:
-        recommended_update(handle.engine, UPDATE_PATHS["reload-iterator"], kit.w0)
+        recommended_update(handle.engine, default_path(handle.engine), kit.w0)
         samples = parity_runner.generate(list(kit.probes.requests))
         report = _judge(parity_runner, kit, samples, kit.w0, kit.ref0, "restore W0")
         restored = report.to_new.passed
@@ -148,17 +153,17 @@ def test_head_reflects_update(cell: Any, parity_runner: Any, kit: UpdateKit, res
     if "lm_head.weight" not in kit.w1.changed_from(kit.w0):
         pytest.skip("the model has no separate lm_head.weight (tied embeddings)")
     before = head_dtype(parity_runner.handle.engine)
-    _push(parity_runner, "reload-iterator", kit.w1, test)
+    _push(parity_runner, None, kit.w1, test)
     dtype = head_dtype(parity_runner.handle.engine)
     assert before == dtype == cell.head_dtype, (
         f"cell {cell.id}: the lm_head projection runs in {before} before and {dtype} after the update; "
         f"configured {cell.head_dtype}"
     )
     samples = _generate(parity_runner, kit, test)
-    report = _judge(parity_runner, kit, samples, kit.w1, kit.ref1, "reload-iterator")
+    report = _judge(parity_runner, kit, samples, kit.w1, kit.ref1, "default path")
     assert report.passed, report.explain()
     stale_head = kit.w1.with_tensor_from(kit.w0, "lm_head.weight")
-    head_report = _judge(parity_runner, kit, samples, stale_head, kit.trainer.reference(stale_head), "reload-iterator")
+    head_report = _judge(parity_runner, kit, samples, stale_head, kit.trainer.reference(stale_head), "default path")
     assert head_report.distance_new >= report.required_separation, (
         f"cell {cell.id}: after the update the engine is as close to W1-with-lm_head-at-W0 "
         f"(mean |Δ| {head_report.distance_new:.3g}) as required separation {report.required_separation:.3g}: "
@@ -177,9 +182,9 @@ def test_refits_stay_flat(cell: Any, parity_runner: Any, kit: UpdateKit, restore
     tol = cell.tolerance
     drift: list[tuple[float, float]] = []
     for refit in range(1, REFITS + 1):
-        _push(parity_runner, "reload-iterator", kit.w0, test)
+        _push(parity_runner, None, kit.w0, test)
         samples = _generate(parity_runner, kit, test)
-        report = _judge(parity_runner, kit, samples, kit.w0, kit.ref0, "reload-iterator")
+        report = _judge(parity_runner, kit, samples, kit.w0, kit.ref0, "refit")
         assert report.to_new.passed, f"refit {refit}:\n" + report.to_new.explain()
         deltas: list[float] = []
         for a_group, b_group in zip(first, samples):
