@@ -66,7 +66,8 @@ class ParityConfig:
     shrink: bool
     prompts: Path
     results: Path | None
-    device: str
+    device_option: str
+    """``--parity-device`` as given ('' when not: resolved by :attr:`device`)."""
     cache_dir: Path
     golden_dir: Path = Path("golden")
     record_golden: bool = False
@@ -76,6 +77,20 @@ class ParityConfig:
     trainer_fn: Any = None
     """``--parity-trainer-fn``'s function (see :mod:`conformance.trainer`); None: the HF fp32 reference."""
     trainer_fn_name: str = ""
+    _device: str = field(default="", repr=False)
+
+    @property
+    def device(self) -> str:
+        """The reference device: ``--parity-device``, else cuda when available, else cpu (torch is imported
+        on first use only, so sessions without engine-backed tests never import it)."""
+        if not self._device:
+            if self.device_option:
+                self._device = self.device_option
+            else:
+                import torch
+
+                self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        return self._device
 
     def selected_cells(self) -> list[Cell]:
         if self._cells is None:
@@ -128,10 +143,6 @@ def _resolve_config(config: pytest.Config) -> ParityConfig:
         raise pytest.UsageError(f"--parity-shrink {shrink_text!r}: expected true or false")
     results = _option(config, "results")
     device = _option(config, "device")
-    if not device:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     cache = _option(config, "cache-dir")
     if cache:
         cache_dir = Path(cache)
@@ -157,7 +168,7 @@ def _resolve_config(config: pytest.Config) -> ParityConfig:
         shrink=shrink_text in ("true", "1", "yes"),
         prompts=Path(_option(config, "prompts")),
         results=Path(results) if results else None,
-        device=device,
+        device_option=device,
         cache_dir=cache_dir,
         golden_dir=Path(golden) if golden else config.rootpath / "golden",
         record_golden=record_golden in ("true", "1", "yes"),
@@ -216,8 +227,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    from conformance.runner import Recorder
-    from conformance.strategies import register_profiles
+    from conformance.profiles import register_profiles
+    from conformance.recorder import Recorder
 
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
@@ -226,9 +237,9 @@ def pytest_configure(config: pytest.Config) -> None:
     parity = _resolve_config(config)
     _validate(parity)
     config.stash[CONFIG_KEY] = parity
-    from conformance.versions import environment_versions
-
-    recorder = Recorder(results_path=parity.results, versions=environment_versions(parity.device))
+    # Versions (and the device, which needs torch) are filled in when an engine-backed test asks for the
+    # recorder: a session of unrelated tests in a repo that installs the kit never imports torch.
+    recorder = Recorder(results_path=parity.results)
     config.stash[RECORDER_KEY] = recorder
     if parity.results is not None:
         parity.results.parent.mkdir(parents=True, exist_ok=True)
@@ -267,9 +278,14 @@ def parity_config(pytestconfig: pytest.Config) -> ParityConfig:
 
 
 @pytest.fixture(scope="session")
-def parity_recorder(pytestconfig: pytest.Config) -> Any:
-    """The session's :class:`~conformance.runner.Recorder`."""
-    return pytestconfig.stash[RECORDER_KEY]
+def parity_recorder(pytestconfig: pytest.Config, parity_config: ParityConfig) -> Any:
+    """The session's :class:`~conformance.recorder.Recorder` (versions and device filled in on first use)."""
+    from conformance.versions import environment_versions
+
+    recorder = pytestconfig.stash[RECORDER_KEY]
+    if not recorder.versions:
+        recorder.versions.update(environment_versions(parity_config.device))
+    return recorder
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,8 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from conformance.contract import TrainerSemantics
 from conformance.engines.base import Engine, EngineFailure, Request, Sample
 from conformance.matrix import Cell
 from conformance.parity import ParityReport, SequenceInput, Target, check_parity
+from conformance.recorder import EngineFailureRecord, Recorder
 from conformance.reference import HFReference
 from conformance.strategies import Case
 
@@ -63,17 +63,6 @@ class PromptSet:
         return cls(tuple(texts), tuple(ids))
 
 
-@dataclass
-class EngineFailureRecord:
-    """An engine failure with what reproduces it; ``known`` is the id of a known finding it matches."""
-
-    cell: str
-    params: str
-    reason: str
-    log_tail: str
-    known: str | None = None
-
-
 def describe_case(case: Case) -> str:
     """What reproduces a case: its prompt indices (``[12]*206`` for one prompt repeated) and spec."""
     prompts = case.prompts
@@ -111,32 +100,6 @@ class EngineHandle:
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.close()
-
-
-@dataclass
-class Recorder:
-    """Collects reports and engine failures for the summary table and ``--parity-results``."""
-
-    results_path: Path | None = None
-    reports: list[tuple[str, str, ParityReport]] = field(default_factory=list)
-    engine_failures: list[EngineFailureRecord] = field(default_factory=list)
-    versions: dict[str, str] = field(default_factory=dict)
-
-    def add(self, test: str, report: ParityReport, extra: dict[str, Any] | None = None) -> None:
-        """Keep ``report`` for the summary and write its record (plus ``extra`` keys) to the results file."""
-        self.reports.append((test, report.cell, report))
-        self._write({"kind": "check", "test": test, **report.as_record(), **(extra or {})})
-
-    def add_failure(self, test: str, failure: EngineFailureRecord) -> None:
-        self.engine_failures.append(failure)
-        self._write({"kind": "engine-failure", "test": test, **failure.__dict__})
-
-    def _write(self, record: dict[str, Any]) -> None:
-        if self.results_path is None:
-            return
-        record = {**record, "versions": self.versions, "pid": os.getpid()}
-        with self.results_path.open("a") as fh:
-            fh.write(json.dumps(record, default=str) + "\n")
 
 
 class ParityRunner:

@@ -14,24 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from conformance.contract import SamplingSpec
-from conformance.modes import PROFILES
+from conformance.profiles import register_profiles  # noqa: F401 - re-exported
 
-
-
-def register_profiles() -> None:
-    """Register the kit's hypothesis profiles under the names ``parity-<name>`` (idempotent)."""
-    for name, examples in PROFILES.items():
-        settings.register_profile(
-            f"parity-{name}",
-            max_examples=examples,
-            deadline=None,
-            print_blob=True,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-        )
 
 
 @dataclass(frozen=True)

@@ -66,3 +66,19 @@ def test_cell_vllm_rejects_is_an_engine_failure(pytester: pytest.Pytester) -> No
     assert "vLLM rejected or failed to start the engine" in headline[0]
     assert "max_model_len" in headline[0]  # the reason names what vLLM objected to
     assert "Traceback" not in out
+
+
+def test_plugin_keeps_unrelated_sessions_light(pytester: pytest.Pytester) -> None:
+    """A repo that installs the kit pays nothing heavy in sessions without engine-backed tests: the plugin's
+    configure step must not import torch, transformers or vLLM."""
+    pytester.makepyfile(
+        test_light="""
+import sys
+
+def test_no_heavy_imports():
+    heavy = sorted(m for m in ("torch", "transformers", "vllm") if m in sys.modules)
+    assert not heavy, heavy
+"""
+    )
+    result = pytester.runpytest_subprocess("-p", "conformance.plugin", "-p", "no:cacheprovider", "test_light.py")
+    assert result.ret == 0, result.stdout.str() + result.stderr.str()

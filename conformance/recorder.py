@@ -1,0 +1,53 @@
+"""What a parity session collected: every check's report and every engine failure, and the results file.
+
+Light on purpose (no torch): the pytest plugin creates the :class:`Recorder` in ``pytest_configure`` of
+every session of a repo that installs the kit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from conformance.parity import ParityReport
+
+
+@dataclass
+class EngineFailureRecord:
+    """An engine failure with what reproduces it; ``known`` is the id of a known finding it matches."""
+
+    cell: str
+    params: str
+    reason: str
+    log_tail: str
+    known: str | None = None
+
+
+@dataclass
+class Recorder:
+    """Collects reports and engine failures for the summary table and ``--parity-results``."""
+
+    results_path: Path | None = None
+    reports: list[tuple[str, str, ParityReport]] = field(default_factory=list)
+    engine_failures: list[EngineFailureRecord] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def add(self, test: str, report: ParityReport, extra: dict[str, Any] | None = None) -> None:
+        """Keep ``report`` for the summary and write its record (plus ``extra`` keys) to the results file."""
+        self.reports.append((test, report.cell, report))
+        self._write({"kind": "check", "test": test, **report.as_record(), **(extra or {})})
+
+    def add_failure(self, test: str, failure: EngineFailureRecord) -> None:
+        self.engine_failures.append(failure)
+        self._write({"kind": "engine-failure", "test": test, **failure.__dict__})
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self.results_path is None:
+            return
+        record = {**record, "versions": self.versions, "pid": os.getpid()}
+        with self.results_path.open("a") as fh:
+            fh.write(json.dumps(record, default=str) + "\n")
