@@ -36,13 +36,15 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--cells", default="fp32-processed,bf16-processed,bf16-processed-head32,fp32-processed-nocache")
+    parser.add_argument("--matrix", type=Path, default=DEFAULT_MATRIX)
+    parser.add_argument("--device", default="cpu", help="device of the trainer stand-in and its references")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--md", type=Path, default=None)
     args = parser.parse_args()
-    cells = select_cells(load_matrix(DEFAULT_MATRIX), args.cells.split(","), "matrix")
+    cells = select_cells(load_matrix(args.matrix), args.cells.split(","), str(args.matrix))
     tokenizer = AutoTokenizer.from_pretrained(BUNDLED_MODEL)
     prompts = PromptSet.load(DEFAULT_PROMPTS, tokenizer)
-    trainer = TrainerStandIn(BUNDLED_MODEL)
+    trainer = TrainerStandIn(BUNDLED_MODEL, device=args.device)
     w0 = trainer.w0
     w1 = trainer.step(training_batch(prompts.ids))
     ref0, ref1 = trainer.reference(w0), trainer.reference(w1)
