@@ -52,7 +52,8 @@ def _generate(cell: Any, requests_count: int, seed: int) -> tuple[Any, list[Any]
     prompts = PromptSet.load(DEFAULT_PROMPTS, tokenizer)
     spec = SamplingSpec(temperature=1.0, max_tokens=24, logprobs=0)
     requests = [
-        Request(prompts.ids[i % len(prompts.ids)], dataclasses.replace(spec, seed=seed + i)) for i in range(requests_count)
+        Request(prompts.ids[i % len(prompts.ids)], dataclasses.replace(spec, seed=seed + i))
+        for i in range(requests_count)
     ]
     handle = EngineHandle(cell, BUNDLED_MODEL)
     try:
@@ -150,7 +151,8 @@ def _plot(results: dict[str, Any], path: Path) -> None:
             ax = axes[row][col]
             for tokens in TOKENS:
                 ys = results[cell_id]["detection"][f"{kind}|{tokens}"][1:]
-                ax.plot(xs, ys, marker="o", ms=3, label=f"N = {tokens} tokens" + (" (CI)" if tokens == CI_TOKENS else ""))
+                label = f"N = {tokens} tokens" + (" (CI)" if tokens == CI_TOKENS else "")
+                ax.plot(xs, ys, marker="o", ms=3, label=label)
             ax.axhline(TARGET, color="grey", ls="--", lw=0.8)
             tol = results[cell_id]["tolerance"]
             ax.axvline(tol["max_abs"], color="red", ls=":", lw=0.8, label="max|Δ| bound")
@@ -200,7 +202,8 @@ def _markdown(results: dict[str, Any], args: argparse.Namespace, elapsed: float)
         t = data["tolerance"]
         lines += [
             "",
-            f"## {cell_id} (tolerance max|Δ|≤{t['max_abs']:g}, mean|Δ|≤{t['mean_abs']:g}, bias≤{t['bias']:g}+4σ/√n; "
+            f"## {cell_id} (tolerance max|Δ|≤{t['max_abs']:g}, mean|Δ|≤{t['mean_abs']:g}, "
+            f"bias≤{t['bias']:g}+4σ/√n; "
             f"pool {data['pool_tokens']} tokens in {data['pool_sequences']} sequences)",
         ]
         header = [f"{kind} N={n}" for kind in ("bias", "noise") for n in TOKENS]
@@ -220,7 +223,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48, help="generated requests per cell (the token pool)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("docs"))
-    parser.add_argument("--replot", action="store_true", help="redraw <out>/sensitivity.png from <out>/sensitivity.json")
+    parser.add_argument("--replot", action="store_true",
+                        help="redraw <out>/sensitivity.png from <out>/sensitivity.json")
     args = parser.parse_args()
     if args.replot:
         _plot(json.loads((args.out / "sensitivity.json").read_text())["results"], args.out / "sensitivity.png")
@@ -243,7 +247,8 @@ def main() -> None:
     for cell in cells:
         spec, pool = _generate(cell, args.requests, seed=1000)
         tokens = sum(len(s.sample.output_ids) for s in pool)
-        print(f"{cell.id}: generated {tokens} tokens in {len(pool)} sequences ({time.perf_counter() - start:.0f} s)", flush=True)
+        print(f"{cell.id}: generated {tokens} tokens in {len(pool)} sequences "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
         detection = measure(cell, spec, pool, args.trials, args.seed)
         results[cell.id] = {"detection": detection, "tolerance": dataclasses.asdict(cell.tolerance),
                             "pool_tokens": tokens, "pool_sequences": len(pool)}
