@@ -227,6 +227,8 @@ def main() -> None:
                         help="redraw <out>/sensitivity.png from <out>/sensitivity.json")
     args = parser.parse_args()
     if args.replot:
+        if not (args.out / "sensitivity.json").is_file():
+            raise SystemExit(f"--replot: {args.out / 'sensitivity.json'} not found (run the benchmark first)")
         _plot(json.loads((args.out / "sensitivity.json").read_text())["results"], args.out / "sensitivity.png")
         return
     if args.trials < 1 or args.requests < 1:
