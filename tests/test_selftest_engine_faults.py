@@ -68,7 +68,7 @@ CASES: dict[str, tuple[str, list[SamplingSpec]]] = {
 
 
 @pytest.fixture(scope="module", params=sorted(TIERS))
-def planted(request: pytest.FixtureRequest, engines: Any, make_runner: Any) -> Iterator[tuple[Any, Any]]:
+def planted(request: pytest.FixtureRequest, make_runner: Any, bundled_model: Any) -> Iterator[tuple[Any, Any]]:
     """(runner on the tier's fp32 processed cell, set_mode); the wrappers are removed afterwards."""
     tier = request.param
     if tier == "gpu":
@@ -80,7 +80,7 @@ def planted(request: pytest.FixtureRequest, engines: Any, make_runner: Any) -> I
         from conformance.runner import EngineHandle
 
         gpu = {c.id: c for c in load_matrix(DEFAULT_MATRIX.with_name("gpu.toml"))}[TIERS["gpu"]]
-        handle = EngineHandle(gpu, engines(TIERS["cpu"]).model_path)
+        handle = EngineHandle(gpu, bundled_model)
         runner = make_runner(TIERS["cpu"], handle=handle)
     else:
         handle, runner = None, make_runner(TIERS["cpu"])
