@@ -53,7 +53,12 @@ def main() -> None:
 
     for cell in cells:
         handle = EngineHandle(cell, BUNDLED_MODEL)
-        engine = handle.engine
+        try:
+            engine = handle.engine
+        except EngineFailure as exc:
+            rows.append({"cell": cell.id, "measure": "engine start", "error": exc.reason[:300]})
+            print(rows[-1], flush=True)
+            continue
         contexts = [engine.token_context(r) for r in probes.requests]
 
         def measure(label: str, path_name: str, push: Any, reset: bool, new: Any, ref_new: Any = None) -> None:

@@ -164,9 +164,12 @@ class VllmOfflineEngine:
             exc = result["error"]
             first = _summary(exc)
             self._cleanup_processes()
+            tail = self.log_tail()
+            cause = self.root_cause(tail)
             raise EngineFailure(
-                f"cell {self.cell.id}: vLLM rejected or failed to start the engine: {type(exc).__name__}: {first}",
-                self.log_tail(),
+                f"cell {self.cell.id}: vLLM rejected or failed to start the engine: {type(exc).__name__}: {first}"
+                + (f" (root cause: {cause})" if cause and cause not in first else ""),
+                tail,
             )
         self._llm = result["llm"]
 
