@@ -296,6 +296,9 @@ def check_parity(
             if engine_value is None:
                 violations.append(f"seq {s_index} pos {pos}: no value returned for the sampled token {token}")
                 continue
+            if math.isnan(engine_value):
+                violations.append(f"seq {s_index} pos {pos}: the engine returned NaN for the sampled token {token}")
+                continue
             if not bool(dist.maybe[pos, token]):
                 violations.append(
                     f"seq {s_index} pos {pos}: sampled token {token} is masked by the contract "
@@ -318,6 +321,9 @@ def check_parity(
             top = sample.top_values[pos] if pos < len(sample.top_values) else {}
             for t, v in top.items():
                 if t == token:
+                    continue
+                if math.isnan(v):
+                    violations.append(f"seq {s_index} pos {pos}: the engine returned NaN for top token {t}")
                     continue
                 low, high = _range(target, dist, values, pos, t)
                 ambiguous = bool(dist.maybe[pos, t]) and not bool(dist.sure[pos, t])

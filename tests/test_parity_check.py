@@ -181,6 +181,19 @@ def test_e_missing_sampled_value() -> None:
     assert "no value returned" in why and "seq 1 pos 3" in why
 
 
+def test_e_nan_values_fail() -> None:
+    """NaN compares false with every bound: without an explicit check it would slip through the verdict."""
+    spec = SamplingSpec(temperature=0.7)
+    inputs = build(spec)
+    inputs[0].sample.sampled_values[2] = float("nan")
+    why = failed(check(inputs, spec), "semantic")
+    assert "NaN for the sampled token" in why and "seq 0 pos 2" in why
+    inputs = build(spec)
+    token = next(t for t in inputs[1].sample.top_values[0] if t != inputs[1].sample.output_ids[0])
+    inputs[1].sample.top_values[0][token] = float("nan")
+    assert "NaN for top token" in failed(check(inputs, spec), "semantic")
+
+
 def test_e_truncated_sampled_values() -> None:
     spec = SamplingSpec(temperature=0.7)
     inputs = build(spec)
