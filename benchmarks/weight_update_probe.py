@@ -124,6 +124,8 @@ def main() -> None:
     for r in rows:
         if "to_W1" in r:
             verdict = "pass" if r["passed"] else "FAIL"
+            if r["measure"].startswith("refit"):
+                r = {**r, "diagnosis": "(judged against W0)"}
             table.append(f"| {r['cell']} | {r['measure']} | {r['path']} | {'yes' if r['reset'] else 'no'} | {r['to_W1']:.2g} | {r['to_W0']:.2g} | {verdict} | {r['diagnosis'][:140]} |")
         else:
             note = r.get("skipped") or r.get("error") or r.get("value")
