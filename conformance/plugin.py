@@ -47,6 +47,7 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("trainer-fn", {"default": "", "help": "module:function giving your trainer's logits, fn(sequences[, model_path]) -> [len(completion), vocab] fp32 per sequence; replaces the HF fp32 reference"}),
     ("results", {"default": "", "help": "append one JSON record per check to this file"}),
     ("device", {"default": "", "help": "reference device (default: cuda when available, else cpu)"}),
+    ("repeat", {"default": "1", "help": "run each parity test this many times in one session (fresh hypothesis data each time, engines started once): repeated clean runs for a false-positive rate"}),
     ("cache-dir", {"default": "", "help": "where built model variants are cached (default: pytest's cache)"}),
     ("golden-dir", {"default": "", "help": "golden tensor directory (default: <rootdir>/golden)"}),
 ]
@@ -63,6 +64,7 @@ class ParityConfig:
     trainer_head: str | None
     profile: str
     examples: int | None
+    repeat: int
     shrink: bool
     prompts: Path
     results: Path | None
@@ -133,6 +135,9 @@ def _resolve_config(config: pytest.Config) -> ParityConfig:
     profile = _option(config, "profile")
     if profile not in PROFILES:
         raise pytest.UsageError(f"--parity-profile {profile!r}: expected one of {', '.join(PROFILES)}")
+    repeat_text = _option(config, "repeat")
+    if not repeat_text.isdigit() or int(repeat_text) < 1:
+        raise pytest.UsageError(f"--parity-repeat {repeat_text!r}: expected a positive integer")
     examples_text = _option(config, "examples")
     try:
         examples = int(examples_text) if examples_text else None
@@ -165,6 +170,7 @@ def _resolve_config(config: pytest.Config) -> ParityConfig:
         trainer_head=trainer_head,
         profile=profile,
         examples=examples,
+        repeat=int(repeat_text),
         shrink=shrink_text in ("true", "1", "yes"),
         prompts=Path(_option(config, "prompts")),
         results=Path(results) if results else None,
@@ -266,9 +272,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if not params:
         params = [pytest.param(None, id="no-cell", marks=pytest.mark.skip(reason="no cell of the matrix fits this test"))]
     metafunc.parametrize("cell", params, indirect=True, scope="session")
+    if parity.repeat > 1:
+        metafunc.parametrize("parity_repeat", range(parity.repeat), ids=[f"rep{i}" for i in range(parity.repeat)], indirect=True)
 
 
 # -- fixtures -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def parity_repeat(request: pytest.FixtureRequest) -> int:
+    """Which repetition of ``--parity-repeat`` this is (0 without repetition)."""
+    return int(getattr(request, "param", 0))
 
 
 @pytest.fixture(scope="session")
