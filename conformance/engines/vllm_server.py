@@ -45,6 +45,8 @@ from conformance.matrix import Cell
 
 SERVER_INF = -9999.0
 """The server's JSON stand-in for -inf (``max(logprob, -9999.0)`` in vLLM's OpenAI layer)."""
+DEATH_GRACE_S = 3.0
+"""Seconds a transport error waits for the server process to be reaped before it is called a transport error."""
 DEV_ENV: dict[str, str] = {"VLLM_SERVER_DEV_MODE": "1"}
 # Flags whose value is the cell's (the model path is positional).
 _SKIPPED_KWARGS = {"model"}
@@ -354,7 +356,15 @@ class VllmServerEngine:
         return " ".join(str(message).split())[:300]
 
     def _failure(self, text: str) -> EngineFailure:
-        """An :class:`EngineFailure` for a transport problem; marks the engine dead when its process is."""
+        """An :class:`EngineFailure` for a transport problem; marks the engine dead when its process is.
+
+        A connection reset can arrive a moment before the killed server process is reaped, so a live-looking
+        process gets a short grace period before the failure is called a transport error."""
+        if self.process is not None and self.process.poll() is None:
+            try:
+                self.process.wait(timeout=DEATH_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
         if self.process is not None and self.process.poll() is not None:
             self.dead = True
             code = self.process.returncode
