@@ -51,17 +51,17 @@ class WeightSet:
         """``(name, tensor)`` pairs, the form vLLM's ``load_weights`` / ``reload_weights`` take."""
         return list(self.tensors.items())
 
-    def changed_from(self, other: "WeightSet") -> list[str]:
+    def changed_from(self, other: WeightSet) -> list[str]:
         """Names whose tensors differ from ``other``'s."""
         return [n for n, t in self.tensors.items() if n in other.tensors and not torch.equal(t, other.tensors[n])]
 
-    def without(self, name: str) -> "WeightSet":
+    def without(self, name: str) -> WeightSet:
         """The same set with ``name`` left out (a partial push)."""
         if name not in self.tensors:
             raise KeyError(f"{self.label} has no tensor {name!r}")
         return WeightSet(f"{self.label} without {name}", {n: t for n, t in self.tensors.items() if n != name})
 
-    def with_tensor_from(self, other: "WeightSet", name: str) -> "WeightSet":
+    def with_tensor_from(self, other: WeightSet, name: str) -> WeightSet:
         """This set with ``name`` taken from ``other`` (the state an engine is in after a partial push)."""
         return WeightSet(f"{self.label} with {name} at {other.label}", {**self.tensors, name: other.tensors[name]})
 
@@ -364,7 +364,7 @@ class ProbeSet:
     requests: tuple[Request, ...]
 
     @classmethod
-    def default(cls, prompts: Sequence[Sequence[int]], long_prompt: Sequence[int], max_tokens: int = 16) -> "ProbeSet":
+    def default(cls, prompts: Sequence[Sequence[int]], long_prompt: Sequence[int], max_tokens: int = 16) -> ProbeSet:
         """Greedy decoding of a long prompt (several KV blocks, so a cache hit is real) and short prompts."""
         spec = SamplingSpec(temperature=0.0, max_tokens=max_tokens, logprobs=1)
         return cls(tuple(Request(tuple(p), spec) for p in [long_prompt, *prompts]))
@@ -425,10 +425,14 @@ class UpdateReport:
         verdict = "passed" if self.passed else f"FAILED [layer: {self.layer}]"
         lines = [
             f"weight update via {self.path!r} {verdict} in cell {self.cell!r}",
-            f"  mean |Δ| to the reference under the pushed weights (W1): {self.distance_new:.3g} "
-            f"(cell tolerance {self.to_new.tolerance.mean_abs:g}; check {'passed' if self.to_new.passed else 'failed'})",
-            f"  mean |Δ| to the reference under the previous weights (W0): {self.distance_old:.3g} "
-            f"(must be >= {self.required_separation:.3g})",
+            (
+                f"  mean |Δ| to the reference under the pushed weights (W1): {self.distance_new:.3g} "
+                f"(cell tolerance {self.to_new.tolerance.mean_abs:g}; check {'passed' if self.to_new.passed else 'failed'})"
+            ),
+            (
+                f"  mean |Δ| to the reference under the previous weights (W0): {self.distance_old:.3g} "
+                f"(must be >= {self.required_separation:.3g})"
+            ),
             f"  sequences served partly from the prefix cache: {self.cached_sequences}",
         ]
         if self.diagnosis:

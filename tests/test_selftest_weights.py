@@ -86,7 +86,7 @@ def test_stale_prefix_cache_is_caught_and_reset_fixes_it(engine: Any, stand_in: 
 
 
 def test_noop_update_is_caught(engine: Any, stand_in: Any) -> None:
-    trainer, w1, _, ref1, probes = stand_in
+    _, w1, _, ref1, probes = stand_in
     engine.reset_prefix_cache()
     # The "push" reaches nothing: what a broken update path looks like from the trainer's side.
     report = _judge(engine, stand_in, engine.generate(list(probes.requests)), w1, ref1)
