@@ -73,7 +73,7 @@ def main() -> None:
                 samples = engine.generate(list(probes.requests))
                 report = judge_update(
                     probes.requests, samples, contexts, trainer, new, w0, cell.logprobs_mode, cell.tolerance,
-                    cell.id, path_name, new_reference=ref_new, old_reference=ref0,
+                    cell.id, path_name, new_reference=ref_new, old_reference=ref0, engine=engine,
                 )
                 row = {
                     "cell": cell.id, "measure": label, "path": path_name, "reset": reset,
@@ -101,10 +101,18 @@ def main() -> None:
                 continue
             for reset in (False, True):
                 measure("update", path.name, lambda p=path: p.push(engine, w1, Path("/tmp/parity-probe")), reset, w1, ref1)
-        for name in ("model.layers.1.mlp.down_proj.weight", "model.layers.2.self_attn.q_proj.weight", "lm_head.weight"):
+        partials = [
+            ("model.layers.1.mlp.down_proj.weight", "reload-iterator"),
+            ("model.layers.2.self_attn.q_proj.weight", "reload-iterator"),
+            ("model.layers.2.self_attn.q_proj.weight", "weight-transfer-host"),
+            ("lm_head.weight", "reload-iterator"),
+        ]
+        for name, path_name in partials:
+            if path_unavailable(UPDATE_PATHS[path_name], engine):
+                continue
             partial = w1.without(name)
-            measure(f"partial (without {name})", "reload-iterator",
-                    lambda p=partial: UPDATE_PATHS["reload-iterator"].push(engine, p, Path("/tmp")), True, w1, ref1)
+            measure(f"partial (without {name})", path_name,
+                    lambda p=partial, u=UPDATE_PATHS[path_name]: u.push(engine, p, Path("/tmp/parity-probe")), True, w1, ref1)
         for i in range(5):
             measure(f"refit {i + 1} (W0 again)", "reload-iterator",
                     lambda: UPDATE_PATHS["reload-iterator"].push(engine, w0, Path("/tmp")), True, w0, ref0)
@@ -126,7 +134,7 @@ def main() -> None:
             verdict = "pass" if r["passed"] else "FAIL"
             if r["measure"].startswith("refit"):
                 r = {**r, "diagnosis": "(judged against W0)"}
-            table.append(f"| {r['cell']} | {r['measure']} | {r['path']} | {'yes' if r['reset'] else 'no'} | {r['to_W1']:.2g} | {r['to_W0']:.2g} | {verdict} | {r['diagnosis'][:140]} |")
+            table.append(f"| {r['cell']} | {r['measure']} | {r['path']} | {'yes' if r['reset'] else 'no'} | {r['to_W1']:.2g} | {r['to_W0']:.2g} | {verdict} | {r['diagnosis'][:320]} |")
         else:
             note = r.get("skipped") or r.get("error") or r.get("value")
             table.append(f"| {r['cell']} | {r['measure']} | {r.get('path', '')} | | | | {'skip' if 'skipped' in r else ('error' if 'error' in r else '')} | {str(note)[:160]} |")

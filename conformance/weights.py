@@ -31,6 +31,7 @@ from conformance.engines.base import Engine, EngineFailure, Request, Sample
 from conformance.parity import ParityReport, SequenceInput, Target, check_parity
 from conformance.reference import HFReference
 from conformance.tolerances import Tolerance
+from conformance.vllm_plugin import HOST_BACKEND
 
 WEIGHT_SYNC_LAYER = "weight-sync"
 """The layer a failed weight update is reported under."""
@@ -217,24 +218,31 @@ def _worker_lacks(attribute: str) -> str | None:
 def _weight_transfer_unavailable(backend: str) -> Callable[[Engine], str | None]:
     def reason(engine: Engine) -> str | None:
         try:
-            from vllm import LLM
+            from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory  # noqa: F401
         except ImportError:
-            return "vLLM is not importable"
-        if not hasattr(LLM, "init_weight_transfer_engine"):
-            return (
-                f"vllm {_vllm_version()}: vllm.LLM has no init_weight_transfer_engine "
-                f"(the weight-transfer API is on AsyncLLM / the server only)"
-            )
-        if not torch.cuda.is_available():
+            return f"vllm {_vllm_version()} has no weight-transfer API (vllm.distributed.weight_transfer)"
+        if not hasattr(engine, "init_weight_transfer_engine"):
+            return f"{type(engine).__name__} does not drive the weight-transfer API (no init_weight_transfer_engine)"
+        cell = getattr(engine, "cell", None)
+        if backend == HOST_BACKEND:
+            from conformance.vllm_plugin import installed
+
+            if not installed():
+                return (
+                    f"the kit's vLLM plugin (entry point group 'vllm.general_plugins') is not installed, so vLLM "
+                    f"cannot find the {HOST_BACKEND!r} backend: pip install the kit"
+                )
+        elif not torch.cuda.is_available():
             return f"weight-transfer backend {backend!r} needs CUDA (torch.cuda.is_available() is False)"
-        if backend != "ipc":
+        elif backend != "ipc":
             return (
                 f"weight-transfer backend {backend!r} needs a trainer process group beside the engine; the kit "
-                f"drives only 'ipc' (same GPU, same host)"
+                f"drives only 'ipc' (same GPU, same host) and {HOST_BACKEND!r}"
             )
-        cell = getattr(engine, "cell", None)
+        elif not hasattr(engine, "llm"):
+            return f"{type(engine).__name__}: CUDA IPC handles are sent to an offline vllm.LLM only"
         configured = ((getattr(cell, "extra_engine_kwargs", None) or {}).get("weight_transfer_config") or {}).get("backend")
-        if configured != backend or not hasattr(engine, "llm"):
+        if configured != backend:
             return (
                 f"cell {getattr(cell, 'id', '?')} does not start vLLM with weight_transfer_config backend {backend!r} "
                 f"(engine_kwargs = {{ weight_transfer_config = {{ backend = \"{backend}\" }} }})"
@@ -242,6 +250,15 @@ def _weight_transfer_unavailable(backend: str) -> Callable[[Engine], str | None]
         return None
 
     return reason
+
+
+def _push_weight_transfer_host(engine: Engine, weights: WeightSet, workdir: Path) -> None:
+    """init_weight_transfer_engine / start_weight_update / update_weights (two chunks) / finish_weight_update
+    with the kit's host-memory backend: the engine adapter is the control-plane client (offline: ``vllm.LLM``'s
+    methods; server: its RL routes)."""
+    from conformance.engines.host_transfer import send_weights
+
+    send_weights(engine, weights.items(), workdir / "transfer")  # type: ignore[arg-type]
 
 
 def _push_weight_transfer_ipc(engine: Engine, weights: WeightSet, workdir: Path) -> None:
@@ -309,6 +326,13 @@ UPDATE_PATHS: dict[str, UpdatePath] = {
             "collective_rpc -> worker.model_runner.model.load_weights(weights) (what many RL frameworks call)",
             _push_load_weights,
             lambda engine: None if hasattr(engine, "collective_rpc") else f"{type(engine).__name__} has no collective_rpc",
+        ),
+        UpdatePath(
+            "weight-transfer-host",
+            "init_weight_transfer_engine / start_weight_update / update_weights / finish_weight_update, the kit's "
+            "host-memory backend (runs without CUDA; the API, update session and layerwise reload are vLLM's)",
+            _push_weight_transfer_host,
+            _weight_transfer_unavailable(HOST_BACKEND),
         ),
         UpdatePath(
             "weight-transfer-ipc",
@@ -477,6 +501,7 @@ def judge_update(
     path: str,
     new_reference: HFReference | None = None,
     old_reference: HFReference | None = None,
+    engine: Engine | None = None,
 ) -> UpdateReport:
     """Judge samples taken after pushing ``new`` into an engine that held ``old``.
 
@@ -484,7 +509,9 @@ def judge_update(
     their mean |Δ| (distance to the legitimate range) to ``old`` is at least :data:`SEPARATION` mean-|Δ|
     tolerances. On failure the diagnosis says which of these the engine serves: ``old`` entirely (no-op
     update), ``new`` except for sequences served from the prefix cache (stale KV), or ``new`` with one tensor
-    left at ``old`` (partial update; the tensor and its layer are named).
+    left at ``old`` (partial update; the tensor and its layer are named). When no such state matches and
+    ``engine`` is given, its hidden states are compared with ``new``'s module by module
+    (:mod:`conformance.hidden_states`) and the first module that diverges is named.
     """
     ref_new = new_reference or trainer.reference(new)
     ref_old = old_reference or trainer.reference(old)
@@ -534,10 +561,30 @@ def judge_update(
             )
             return report
     found = _scan_partial(report, requests, samples, contexts, trainer, new, old, target, tolerance, cell)
+    if found is None and engine is not None:
+        prompt = min((r.prompt_ids for r in requests), key=len)
+        found = _localize(engine, ref_new.model, new, prompt, coarse=to_new.tolerance.mean_abs >= COARSE_MEAN_ABS)
     report.diagnosis = found or (
         "the engine matches neither W1, nor W0, nor W1 with any single tensor or fused group left at W0 or zeroed"
     )
     return report
+
+
+def _localize(engine: Engine, model: torch.nn.Module, new: WeightSet, prompt: Sequence[int], coarse: bool) -> str | None:
+    """The diagnosis from the first module whose hidden states leave ``new``'s (None: not capturable)."""
+    from conformance.hidden_states import first_divergence
+
+    divergence = first_divergence(engine, model, prompt, coarse)
+    if divergence is None:
+        return None
+    prefix = "the engine matches neither W1, nor W0, nor W1 with any single tensor or fused group left at W0 or zeroed; "
+    if divergence.first is None:
+        return prefix + divergence.explain()
+    tensors = [n.removeprefix(divergence.first + ".") for n in new.tensors if n.startswith(divergence.first + ".")]
+    return (
+        prefix + divergence.explain() + f": {layer_of(divergence.first + '.weight')} did not take W1 intact "
+        f"(its tensors: {', '.join(tensors) or 'none changed'}; a partial or corrupt update of that module)"
+    )
 
 
 def _partial_states(new: WeightSet, old: WeightSet) -> list[tuple[WeightSet, str]]:

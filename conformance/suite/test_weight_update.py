@@ -77,7 +77,7 @@ def _judge(runner: Any, kit: UpdateKit, samples: Any, new: WeightSet, ref_new: A
     contexts = [engine.token_context(r) for r in kit.probes.requests]
     return judge_update(
         kit.probes.requests, samples, contexts, kit.trainer, new, kit.w0, runner.cell.logprobs_mode,
-        runner.cell.tolerance, runner.cell.id, path, new_reference=ref_new, old_reference=kit.ref0,
+        runner.cell.tolerance, runner.cell.id, path, new_reference=ref_new, old_reference=kit.ref0, engine=engine,
     )
 
 

