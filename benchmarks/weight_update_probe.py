@@ -141,7 +141,23 @@ def main() -> None:
     text = "\n".join(table)
     print(text)
     if args.md:
-        args.md.write_text(text + "\n")
+        from conformance.engines.vllm_offline import vllm_version
+
+        header = HEADER.format(vllm=vllm_version(), device=args.device, matrix=args.matrix.name, cells=args.cells)
+        args.md.write_text(header + "\n" + text + "\n")
+
+
+HEADER = """# Weight-update tier: vLLM {vllm}, matrix {matrix}, references on {device}
+
+Written by `benchmarks/weight_update_probe.py --cells {cells} --md ...`. Trainer stand-in: one AdamW step
+(lr 1e-3) on four prompts, then seeded noise (0.3 std) on layer-1 down_proj, layer-3 o_proj and lm_head.
+Probes: greedy, 16 tokens, a 320-token prompt (several KV blocks) and two short prompts, run under W0 first
+(so the prefix cache holds W0's KV). Mean |Δ| = mean distance of the returned sampled-token values from their
+legitimate range under the fp32 reference with W1 (pushed) or W0 (previous) weights. Verdict: W1 within the
+cell tolerance and W0 at least 4 mean tolerances away; refit rows are judged against W0. Partial rows leave
+one tensor out of the push; the diagnosis names it from the weight states the kit models or, when none
+matches (a fused parameter left half-written), from the first module whose hidden states leave W1's.
+"""
 
 
 if __name__ == "__main__":

