@@ -5,8 +5,9 @@ partial update left half-written), the logprobs alone cannot say which layer bro
 output of every decoder sub-module inside the running engine (forward hooks installed through
 ``collective_rpc``, one greedy one-token request, hooks removed), runs the fp32 HF model over the same
 prompt with the same hooks, and reports the first module, in execution order, whose output differs by more
-than the cell's precision allows and by a jump over every module before it. vLLM and HF name these modules alike (``model.embed_tokens``,
-``model.layers.<i>.self_attn``, ``model.layers.<i>.mlp``, ``model.norm``), so the comparison is by name.
+than the cell's precision allows and jumps over every module before it. vLLM and HF name these modules alike
+(``model.embed_tokens``, ``model.layers.<i>.self_attn``, ``model.layers.<i>.mlp``, ``model.norm``), so the
+comparison is by name.
 
 It needs an engine whose modules run eagerly in the worker (offline ``vllm.LLM``, ``enforce_eager``); on any
 other engine, or when nothing is captured, :func:`first_divergence` returns None and the caller says less.
@@ -50,21 +51,37 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
     return None
 
 
-def _install(worker: Any) -> int:
-    """In the engine's worker: hook every compared module; the first output of each is kept."""
-    store: dict[str, list[torch.Tensor]] = {}
+def _hook_modules(model: torch.nn.Module, store: dict[str, list[torch.Tensor]]) -> list[Any]:
+    """Forward hooks on ``model``'s compared modules appending each output, as ``[tokens, hidden]``, to ``store``."""
     handles = []
-    for name, module in worker.model_runner.model.named_modules():
+    for name, module in model.named_modules():
         if MODULES.match(name):
 
             def hook(_module: Any, _args: Any, output: Any, name: str = name) -> None:
                 tensor = _first_tensor(output)
-                if tensor is not None:
-                    store.setdefault(name, []).append(tensor.detach().float().cpu().clone())
+                if tensor is not None and tensor.dim() >= 2:
+                    flat = tensor.detach().float().cpu().reshape(-1, tensor.shape[-1])
+                    store.setdefault(name, []).append(flat.clone())  # vLLM reuses its activation buffers
 
             handles.append(module.register_forward_hook(hook))
-    worker._parity_capture = (store, handles)
-    return len(handles)
+    return handles
+
+
+def _over_prompt(captured: dict[str, list[torch.Tensor]], length: int) -> dict[str, torch.Tensor]:
+    """Per module, the first captured output that covers the whole prompt, cut to its ``length`` tokens."""
+    out = {}
+    for name, tensors in captured.items():
+        full = [t for t in tensors if t.shape[0] >= length]
+        if full:
+            out[name] = full[0][:length]
+    return out
+
+
+def _install(worker: Any) -> int:
+    """In the engine's worker: hook every compared module (kept on the worker until :func:`_collect`)."""
+    store: dict[str, list[torch.Tensor]] = {}
+    worker._parity_capture = (store, _hook_modules(worker.model_runner.model, store))
+    return len(worker._parity_capture[1])
 
 
 def _collect(worker: Any) -> dict[str, list[torch.Tensor]]:
@@ -123,27 +140,13 @@ def capture_engine(engine: Engine, prompt: Sequence[int]) -> dict[str, torch.Ten
         engine.generate([Request(tuple(prompt), SamplingSpec(temperature=0.0, max_tokens=1))])
     finally:
         captured = rpc(_collect)[0]
-    out: dict[str, torch.Tensor] = {}
-    for name, tensors in captured.items():
-        full = [t for t in tensors if t.dim() >= 2 and t.shape[0] >= len(prompt)]
-        if full:
-            out[name] = full[0][: len(prompt)].reshape(len(prompt), -1)
-    return out or None
+    return _over_prompt(captured, len(prompt)) or None
 
 
 def capture_reference(model: torch.nn.Module, prompt: Sequence[int]) -> dict[str, torch.Tensor]:
     """The same modules' outputs in an HF causal LM (fp32) over ``prompt``."""
-    store: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if MODULES.match(name):
-
-            def hook(_module: Any, _args: Any, output: Any, name: str = name) -> None:
-                tensor = _first_tensor(output)
-                if tensor is not None and name not in store:
-                    store[name] = tensor.detach().float().cpu().reshape(len(prompt), -1)
-
-            handles.append(module.register_forward_hook(hook))
+    store: dict[str, list[torch.Tensor]] = {}
+    handles = _hook_modules(model, store)
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
@@ -151,10 +154,12 @@ def capture_reference(model: torch.nn.Module, prompt: Sequence[int]) -> dict[str
     finally:
         for handle in handles:
             handle.remove()
-    return store
+    return _over_prompt(store, len(prompt))
 
 
-def compare(engine_states: dict[str, torch.Tensor], reference_states: dict[str, torch.Tensor], threshold: float) -> Divergence:
+def compare(
+    engine_states: dict[str, torch.Tensor], reference_states: dict[str, torch.Tensor], threshold: float
+) -> Divergence:
     """Relative L2 error per module present in both, in the reference's execution order."""
     errors = []
     for name, ref in reference_states.items():

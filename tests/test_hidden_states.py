@@ -7,7 +7,9 @@ import torch
 
 from conformance.hidden_states import FP32_THRESHOLD, MODULES, compare
 
-NAMES = ["model.embed_tokens", "model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.1.self_attn", "model.norm"]
+NAMES = [
+    "model.embed_tokens", "model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.1.self_attn", "model.norm",
+]
 
 
 def _states(seed: int = 0) -> dict[str, torch.Tensor]:
