@@ -564,10 +564,12 @@ def judge_update(
     if found is None and engine is not None:
         prompt = min((r.prompt_ids for r in requests), key=len)
         found = _localize(engine, ref_new.model, new, prompt, coarse=to_new.tolerance.mean_abs >= COARSE_MEAN_ABS)
-    report.diagnosis = found or (
-        "the engine matches neither W1, nor W0, nor W1 with any single tensor or fused group left at W0 or zeroed"
-    )
+    report.diagnosis = found or NO_STATE_MATCHES
     return report
+
+
+NO_STATE_MATCHES = "the engine matches neither W1, nor W0, nor W1 with any single tensor or fused group left at W0 or zeroed"
+"""The diagnosis when no modelled weight state explains the engine (the hidden states may say more)."""
 
 
 def _localize(engine: Engine, model: torch.nn.Module, new: WeightSet, prompt: Sequence[int], coarse: bool) -> str | None:
@@ -577,13 +579,12 @@ def _localize(engine: Engine, model: torch.nn.Module, new: WeightSet, prompt: Se
     divergence = first_divergence(engine, model, prompt, coarse)
     if divergence is None:
         return None
-    prefix = "the engine matches neither W1, nor W0, nor W1 with any single tensor or fused group left at W0 or zeroed; "
     if divergence.first is None:
-        return prefix + divergence.explain()
+        return f"{NO_STATE_MATCHES}; {divergence.explain()}"
     tensors = [n.removeprefix(divergence.first + ".") for n in new.tensors if n.startswith(divergence.first + ".")]
     return (
-        prefix + divergence.explain() + f": {layer_of(divergence.first + '.weight')} did not take W1 intact "
-        f"(its tensors: {', '.join(tensors) or 'none changed'}; a partial or corrupt update of that module)"
+        f"{NO_STATE_MATCHES}; {divergence.explain()}: {layer_of(divergence.first + '.weight')} did not take W1 "
+        f"intact (its tensors: {', '.join(tensors) or 'none changed'}; a partial or corrupt update of that module)"
     )
 
 
