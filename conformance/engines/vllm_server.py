@@ -59,6 +59,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+REAP_TIMEOUT_S = 20.0
+"""How long ``close()`` waits for the killed server's process group to be gone."""
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids of the live (not zombie) processes in process group ``pgid``."""
+    import psutil
+
+    members = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc.pid)
+        except (ProcessLookupError, psutil.Error, OSError):
+            continue
+    return members
+
+
 def port_in_use(host: str, port: int) -> bool:
     """Whether binding ``host:port`` fails (someone holds it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -292,11 +310,17 @@ class VllmServerEngine:
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             pass
-        # The group may outlive its leader (the engine-core child): kill what is left, always.
+        # The group may outlive its leader (the engine-core child): kill what is left, always, and return
+        # only once none of it runs (SIGKILL is asynchronous: a big process takes a moment to go).
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=10)
+        deadline = time.monotonic() + REAP_TIMEOUT_S
+        while group_members(process.pid) and time.monotonic() < deadline:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            time.sleep(0.2)
 
     @property
     def pid(self) -> int | None:
