@@ -18,7 +18,7 @@ import pytest
 
 from conformance.contract import SamplingSpec
 from conformance.engines.base import EngineFailure, Request
-from conformance.engines.vllm_server import VllmServerEngine, cli_flags, completion_body, parse_choice
+from conformance.engines.vllm_server import VllmServerEngine, cli_flags, completion_body, group_members, parse_choice
 from conformance.matrix import Cell
 
 CELL = Cell(id="server-test", dtype="float32", logprobs_mode="processed_logprobs", engine="vllm-server",
@@ -109,19 +109,6 @@ def _perturbed_checkpoint(source: Path, target: Path) -> Path:
     return target
 
 
-def _group_alive(pgid: int) -> list[int]:
-    import psutil
-
-    alive = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(proc.pid)
-        except (ProcessLookupError, psutil.Error, OSError):
-            continue
-    return alive
-
-
 @pytest.mark.selftest
 def test_reload_then_death_then_no_orphans(bundled_model: Path, tmp_path: Path) -> None:
     """One real server: weights reloaded from a checkpoint directory change the logprobs to that checkpoint's
@@ -151,4 +138,4 @@ def test_reload_then_death_then_no_orphans(bundled_model: Path, tmp_path: Path) 
         assert engine.dead
     finally:
         engine.close()
-    assert not _group_alive(pgid)
+    assert not group_members(pgid)
