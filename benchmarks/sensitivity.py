@@ -40,7 +40,7 @@ def _generate(cell: Any, requests_count: int, seed: int) -> tuple[Any, list[Any]
     """Start the cell's engine once; returns (spec, [SequenceInput]) with the reference logits attached."""
     from transformers import AutoTokenizer
 
-    from conformance.contract import SamplingSpec
+    from conformance.spec import SamplingSpec
     from conformance.engines.base import Request
     from conformance.models import BUNDLED_MODEL
     from conformance.parity import SequenceInput

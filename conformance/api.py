@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from conformance.contract import TrainerSemantics
+from conformance.spec import TrainerSemantics
 from conformance.engines.base import Engine, Request, Sample
 from conformance.matrix import Cell
 from conformance.parity import ParityReport, SequenceInput, check_parity
@@ -52,7 +52,7 @@ def assert_logprob_parity(
       ``logprobs_mode`` are used even when ``samples`` are given).
     * ``reference``: an object with ``raw_logits`` / ``vocab_size`` (e.g. :class:`~conformance.HFReference`)
       or a trainer logits function ``fn(sequences[, model_path]) -> [len(completion), vocab]`` per sequence.
-    * ``requests``: all with the same :class:`~conformance.contract.SamplingSpec` (one verdict per spec).
+    * ``requests``: all with the same :class:`~conformance.spec.SamplingSpec` (one verdict per spec).
     * ``cell`` gives the tolerance and names the verdict; or pass ``tolerance`` (then the cell is "custom").
     * ``trainer``: what your trainer computes (``processed``, ``temperature-only``, ``raw``); default:
       the engine's logprobs mode, i.e. the engine is judged against its own declared semantics.

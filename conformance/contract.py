@@ -47,111 +47,20 @@ legitimate processed logprobs. With ``band=0`` both sets equal the exact survivo
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from conformance.modes import LOGPROBS_MODES, TRAINER_SEMANTICS, LogprobsMode, TrainerSemantics
-
-SAMPLING_EPS = 1e-5
-"""vLLM's greedy threshold (``_SAMPLING_EPS``), tested after the 0.01 clamp: only T == 0 is greedy."""
-MIN_TEMPERATURE = 1e-2
-"""Temperatures in (0, MIN_TEMPERATURE) are clamped up to it (vLLM ``_MAX_TEMP``)."""
-
-
-@dataclass(frozen=True)
-class SamplingSpec:
-    """Engine-agnostic sampling parameters, as a user passes them (before vLLM's normalisation).
-
-    Field names and defaults follow ``vllm.SamplingParams``. ``top_k <= 0`` means no top-k.
-    ``logprobs`` is the number of top logprobs requested besides the sampled token's.
-    """
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    allowed_token_ids: tuple[int, ...] | None = None
-    bad_words: tuple[str, ...] = ()
-    min_tokens: int = 0
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    max_tokens: int = 16
-    n: int = 1
-    seed: int | None = None
-    logprobs: int = 0
-
-    @property
-    def greedy(self) -> bool:
-        """Greedy iff T is 0: vLLM clamps 0 < T < 0.01 to 0.01 before testing ``T < 1e-5``."""
-        return self.temperature <= 0.0
-
-    @property
-    def effective_temperature(self) -> float:
-        """The temperature the sampler divides by (1.0 for greedy, clamped below at 0.01)."""
-        if self.greedy:
-            return 1.0
-        return max(self.temperature, MIN_TEMPERATURE)
-
-    @property
-    def truncates(self) -> bool:
-        """Whether min_p / top_k / top_p remove tokens (never for greedy: vLLM resets them)."""
-        if self.greedy:
-            return False
-        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
-
-    @property
-    def reshapes(self) -> bool:
-        """Whether steps 1-5 (masks, bias, penalties) can change the distribution."""
-        return bool(
-            self.allowed_token_ids is not None
-            or self.bad_words
-            or self.min_tokens > 0
-            or self.logit_bias
-            or self.repetition_penalty != 1.0
-            or self.frequency_penalty != 0.0
-            or self.presence_penalty != 0.0
-        )
-
-    def to_kwargs(self) -> dict[str, object]:
-        """Keyword arguments for ``vllm.SamplingParams`` (and a copy-pasteable reproduction)."""
-        out: dict[str, object] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value == f.default:
-                continue
-            if f.name == "logit_bias":
-                value = {int(t): float(b) for t, b in value}
-            elif isinstance(value, tuple):
-                value = list(value)
-            out[f.name] = value
-        return out
-
-    def describe(self) -> str:
-        """Minimal ``SamplingSpec(...)`` text naming only the non-default fields."""
-        parts = [f"{k}={v!r}" for k, v in self.to_kwargs().items()]
-        return "SamplingSpec(" + ", ".join(parts) + ")"
-
-
-@dataclass(frozen=True)
-class TokenContext:
-    """What the processors of one sequence see besides the logits.
-
-    ``stop_token_ids`` are the engine's stop tokens for min_tokens (EOS, even with ``ignore_eos``, plus
-    the request's ``stop_token_ids``); ``bad_words_token_ids`` are the bad words as the engine tokenised them.
-    """
-
-    prompt_ids: Sequence[int]
-    stop_token_ids: frozenset[int] = frozenset()
-    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
-
+from conformance.spec import (
+    LOGPROBS_MODES,
+    TRAINER_SEMANTICS,
+    LogprobsMode,
+    SamplingSpec,
+    TokenContext,
+    TrainerSemantics,
+)
 
 @dataclass
 class ProcessedDistribution:
@@ -437,7 +346,7 @@ def objective_mismatch(spec: SamplingSpec, trainer: TrainerSemantics) -> str | N
     if spec.truncates:
         reasons.append("truncation (" + ", ".join(_truncation_fields(spec)) + ")")
     if spec.reshapes:
-        reasons.append("logit shaping (" + ", ".join(_shaping_fields(spec)) + ")")
+        reasons.append("logit shaping (" + ", ".join(spec.shaping_fields()) + ")")
     if trainer == "raw" and spec.effective_temperature != 1.0:
         reasons.append(f"temperature {spec.effective_temperature:g}")
     if not reasons:
@@ -449,25 +358,4 @@ def objective_mismatch(spec: SamplingSpec, trainer: TrainerSemantics) -> str | N
 
 
 def _truncation_fields(spec: SamplingSpec) -> list[str]:
-    out = []
-    if spec.min_p > 0.0:
-        out.append(f"min_p={spec.min_p:g}")
-    if spec.top_k > 0:
-        out.append(f"top_k={spec.top_k}")
-    if spec.top_p < 1.0:
-        out.append(f"top_p={spec.top_p:g}")
-    return out
-
-
-def _shaping_fields(spec: SamplingSpec) -> list[str]:
-    defaults = SamplingSpec()
-    names = (
-        "allowed_token_ids",
-        "bad_words",
-        "min_tokens",
-        "logit_bias",
-        "repetition_penalty",
-        "frequency_penalty",
-        "presence_penalty",
-    )
-    return [n for n in names if getattr(spec, n) != getattr(defaults, n)]
+    return [f"{n}={getattr(spec, n):g}" for n in spec.truncation_fields()]

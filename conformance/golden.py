@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from conformance.contract import SamplingSpec
+from conformance.spec import SamplingSpec
 from conformance.versions import environment_versions  # noqa: F401 - re-exported for golden entries
 
 FORMAT_VERSION = 1

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from conformance import contract
-from conformance.contract import SamplingSpec
+from conformance.spec import SamplingSpec
 from conformance.engines.base import EngineFailure, Request, Sample
 from conformance.golden import GOLDEN_PROMPT_TOKENS, GoldenCase, GoldenError
 from conformance.parity import ParityReport, SequenceInput, check_parity, scaled_tolerance

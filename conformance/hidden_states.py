@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from conformance.contract import SamplingSpec
+from conformance.spec import SamplingSpec
 from conformance.engines.base import Engine, EngineFailure, Request
 
 MODULES = re.compile(r"^model\.(embed_tokens|layers\.\d+\.(self_attn|mlp)|norm)$")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conformance.modes import LOGPROBS_MODES, LogprobsMode
+from conformance.spec import LOGPROBS_MODES, LogprobsMode
 from conformance.tolerances import Tolerance, precision_class, tolerance_for
 
 DTYPES = ("float32", "bfloat16", "float16")

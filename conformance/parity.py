@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from conformance import contract
-from conformance.contract import LogprobsMode, ProcessedDistribution, SamplingSpec, TokenContext, TrainerSemantics
+from conformance.contract import ProcessedDistribution
+from conformance.spec import LOGPROBS_MODES, TRAINER_SEMANTICS, LogprobsMode, SamplingSpec, TokenContext, TrainerSemantics
 from conformance.engines.base import Sample
 from conformance.metrics import ParityMetrics, bias_excess, compute_metrics
 from conformance.tolerances import Tolerance
@@ -187,7 +188,7 @@ class SequenceInput:
 
 
 def _target_values(target: Target, dist: ProcessedDistribution, raw: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
-    if target in contract.LOGPROBS_MODES:
+    if target in LOGPROBS_MODES:
         return contract.mode_values(dist, raw, target)  # type: ignore[arg-type]
     return contract.trainer_values(raw, dist, spec, target)  # type: ignore[arg-type]
 
@@ -368,7 +369,7 @@ def check_parity(
         return report
     report.passed = False
     report.alternatives = _alternative_distances(spec, alt_inputs)
-    objective = contract.objective_mismatch(spec, target) if trainer_declared and target in contract.TRAINER_SEMANTICS else None  # type: ignore[arg-type]
+    objective = contract.objective_mismatch(spec, target) if trainer_declared and target in TRAINER_SEMANTICS else None  # type: ignore[arg-type]
     if objective and not violations:
         report.layer = "objective"
         report.reasons = [objective + " (no engine can match it)"] + numeric

@@ -18,7 +18,8 @@ from typing import Any, cast
 
 import pytest
 
-from conformance.modes import PROFILES, TRAINER_SEMANTICS, TrainerSemantics
+from conformance.profiles import PROFILES
+from conformance.spec import TRAINER_SEMANTICS, TrainerSemantics
 from conformance.matrix import Cell, MatrixError, load_matrix, select_cells
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from conformance.contract import TrainerSemantics
+from conformance.spec import TrainerSemantics
 from conformance.engines.base import Engine, EngineFailure, Request, Sample
 from conformance.matrix import Cell
 from conformance.parity import ParityReport, SequenceInput, Target, check_parity

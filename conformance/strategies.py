@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
-from conformance.contract import SamplingSpec
-from conformance.profiles import register_profiles  # noqa: F401 - re-exported
+from conformance.spec import SamplingSpec
 
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from conformance.contract import SamplingSpec
+from conformance.spec import SamplingSpec
 from conformance.engines.base import Engine, EngineFailure, Request, Sample
 from conformance.parity import ParityReport, SequenceInput, Target, check_parity
 from conformance.reference import HFReference

@@ -25,14 +25,13 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from conformance.contract import (
-    SamplingSpec,
-    TokenContext,
     logprob_interval,
     mode_values,
     objective_mismatch,
     processed_distribution,
     trainer_values,
 )
+from conformance.spec import SamplingSpec, TokenContext
 
 NEG_INF = float("-inf")
 EPS32 = 2.0**-23  # fp32 machine epsilon

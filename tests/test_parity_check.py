@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conformance import contract
-from conformance.contract import ProcessedDistribution, SamplingSpec, TokenContext
+from conformance.contract import ProcessedDistribution
+from conformance.spec import SamplingSpec, TokenContext
 from conformance.engines.base import Sample
 from conformance.parity import ParityReport, SequenceInput, check_parity
 from conformance.tolerances import DEFAULT_TOLERANCES

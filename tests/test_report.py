@@ -7,7 +7,8 @@ import math
 import numpy as np
 import torch
 
-from conformance.contract import SamplingSpec, TokenContext, processed_distribution
+from conformance.contract import processed_distribution
+from conformance.spec import SamplingSpec, TokenContext
 from conformance.engines.base import Sample
 from conformance.parity import SequenceInput, check_parity
 from conformance.report import cell_rows, summary_table

@@ -22,7 +22,7 @@ from hypothesis import Phase, settings
 from hypothesis import strategies as st
 
 from conformance.checks import check_cases
-from conformance.contract import SamplingSpec
+from conformance.spec import SamplingSpec
 from conformance.matrix import load_matrix
 from conformance.strategies import Case, vocabulary_from_tokenizer
 from tests import engine_faults

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from hypothesis import Phase, settings
 
-from conformance.contract import SamplingSpec
+from conformance.spec import SamplingSpec
 from conformance.runner import EngineHandle
 from conformance.strategies import Case, vocabulary_from_tokenizer
 from conformance.suite import test_inference_path as path_tests

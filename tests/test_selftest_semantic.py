@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from conformance.contract import SamplingSpec
+from conformance.spec import SamplingSpec
 from conformance.strategies import Case
 
 pytestmark = pytest.mark.selftest

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from conformance.contract import SamplingSpec
+from conformance.spec import SamplingSpec
 from conformance.engines.base import EngineFailure, Request
 from conformance.engines.vllm_server import VllmServerEngine, cli_flags, completion_body, group_members, parse_choice
 from conformance.matrix import Cell

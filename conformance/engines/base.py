@@ -1,7 +1,7 @@
 """The engine protocol: what the suite needs from an inference engine, and nothing more.
 
 An engine is started for one :class:`~conformance.matrix.Cell`, generates completions for token-id
-prompts under :class:`~conformance.contract.SamplingSpec`, reports per generated position the value of
+prompts under :class:`~conformance.spec.SamplingSpec`, reports per generated position the value of
 the sampled token and of the top-n tokens (whatever its logprobs mode makes those values mean), and is
 closed once. Failures of the engine itself are :class:`EngineFailure`, never a bare traceback.
 """
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from conformance.contract import LogprobsMode, SamplingSpec, TokenContext
+from conformance.spec import LogprobsMode, SamplingSpec, TokenContext
 
 
 @dataclass(frozen=True)

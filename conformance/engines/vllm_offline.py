@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from conformance.contract import LogprobsMode, SamplingSpec, TokenContext
+from conformance.spec import LogprobsMode, SamplingSpec, TokenContext
 from conformance.engines.base import EngineFailure, Request, Sample
 from conformance.matrix import Cell
 

@@ -10,7 +10,7 @@ exit), sends one ``POST /v1/completions`` per request (concurrently, so the serv
 ``logprobs``, ``prompt_logprobs``, ``return_tokens_as_token_ids`` and ``return_token_ids``, maps the
 server's ``-9999.0`` back to ``-inf``, and on :meth:`close` kills the whole process group.
 
-Every :class:`~conformance.contract.SamplingSpec` field has a completions-request twin in vLLM >= 0.26
+Every :class:`~conformance.spec.SamplingSpec` field has a completions-request twin in vLLM >= 0.26
 (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``bad_words``, ``allowed_token_ids``,
 ``logit_bias`` with string keys, ``stop_token_ids``, ``ignore_eos``, ``seed``, ``n``), so server cells
 run the same hypothesis strategies as offline cells. Not available through the server: the running
@@ -39,7 +39,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from conformance.contract import LogprobsMode, TokenContext
+from conformance.spec import LogprobsMode, TokenContext
 from conformance.engines.base import EngineFailure, Request, Sample
 from conformance.matrix import Cell
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from conformance.contract import SamplingSpec
+from conformance.spec import SamplingSpec
 from conformance.engines.base import Request
 from conformance.parity import scaled_tolerance
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from conformance.checks import assert_parity
-from conformance.contract import SamplingSpec
+from conformance.spec import SamplingSpec
 from conformance.engines.base import Request
 from conformance.matrix import Cell, load_matrix
 from conformance.parity import scaled_tolerance

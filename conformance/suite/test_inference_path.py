@@ -17,7 +17,7 @@ from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
 from conformance.checks import assert_parity, generate_or_report
-from conformance.contract import SamplingSpec
+from conformance.spec import SamplingSpec
 from conformance.engines.base import CachingEngine, Request, Sample
 from conformance.paths import PathComparison, compare_rescore, compare_samples
 from conformance.parity import scaled_tolerance

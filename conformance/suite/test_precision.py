@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conformance.contract import SamplingSpec
+from conformance.spec import SamplingSpec
 from conformance.engines.base import Request
 from conformance.matrix import Cell
 from conformance.runner import EngineHandle

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from conformance.checks import assert_parity, generate_or_report
-from conformance.contract import SamplingSpec
+from conformance.spec import SamplingSpec
 from conformance.engines.base import Request
 from conformance.parity import scaled_tolerance
 from conformance.paths import compare_samples

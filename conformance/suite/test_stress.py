@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from conformance.checks import assert_parity, generate_or_report
-from conformance.contract import SamplingSpec
+from conformance.spec import SamplingSpec
 from conformance.engines.base import Request
 
 pytestmark = [pytest.mark.parity, pytest.mark.family("stress")]
