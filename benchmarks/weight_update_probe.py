@@ -29,7 +29,7 @@ def main() -> None:
     from conformance.models import BUNDLED_MODEL
     from conformance.plugin import DEFAULT_MATRIX, DEFAULT_PROMPTS
     from conformance.runner import EngineHandle, PromptSet
-    from conformance.weights import (
+    from conformance.weights.update import (
         UPDATE_PATHS, TrainerStandIn, default_probes, head_dtype, judge_update, path_unavailable,
         recommended_update, training_batch,
     )

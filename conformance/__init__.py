@@ -3,16 +3,20 @@ thinks it returns.
 
 Public API for custom tests (the suite under :mod:`conformance.suite` is built from the same pieces):
 
-* :mod:`conformance.contract`: what a logprob means (:class:`SamplingSpec`, :func:`processed_distribution`,
-  trainer semantics, :func:`objective_mismatch`).
+* :mod:`conformance.spec` (torch-free): :class:`SamplingSpec`, :class:`TokenContext`;
+  :mod:`conformance.contract`: what a logprob means (:func:`processed_distribution`, trainer semantics,
+  :func:`objective_mismatch`).
 * :func:`check_parity` / :func:`assert_parity`: judge engine samples against the contract over the fp32
   reference and explain the verdict (layer, worst tokens, metrics).
 * :func:`compute_metrics`: the RL metrics of Δ = trainer − engine.
-* :class:`HFReference`, :class:`ParityRunner`, :class:`EngineHandle`: drive an engine and the reference.
+* :class:`ParitySession`, :class:`ParityRunner`, :class:`EngineHandle`, :class:`HFReference`: drive an
+  engine and the reference; :func:`judge_samples`: the one judge pipeline every verdict goes through.
+* :class:`Parity`: the ``parity`` fixture's object (``parity.check(strategy)``, ``parity.judge(...)``).
 * :func:`assert_logprob_parity`: one call for a custom test: engine (or samples) vs a reference or your
   trainer's logits function (:class:`Reference`, :class:`TrainerFnReference`), with the kit's verdict.
-* Engines: the :class:`Engine` protocol (:class:`Request`, :class:`Sample`, :class:`EngineFailure`) and
-  the built-in :class:`VllmOfflineEngine` and :class:`VllmServerEngine`; :func:`default_engine_factory`.
+* Engines: the :class:`Engine` protocol (:class:`Request`, :class:`Sample`, :class:`EngineFailure`), the
+  built-in :class:`VllmOfflineEngine` and :class:`VllmServerEngine`, and the registry
+  (:func:`register_engine`, :func:`engine_factory`).
 """
 
 from importlib import import_module
@@ -23,10 +27,11 @@ __version__ = "0.1.0"
 # Lazy exports: the pytest plugin imports this package in every session of a repo that installs the
 # kit, so importing it must not import torch/transformers until something is actually used.
 _EXPORTS = {
-    "assert_parity": "conformance.checks",
-    "check_cases": "conformance.checks",
-    "SamplingSpec": "conformance.contract",
-    "TokenContext": "conformance.contract",
+    "assert_parity": "conformance.plugin.fixture",
+    "check_cases": "conformance.plugin.fixture",
+    "Parity": "conformance.plugin.fixture",
+    "SamplingSpec": "conformance.spec",
+    "TokenContext": "conformance.spec",
     "objective_mismatch": "conformance.contract",
     "processed_distribution": "conformance.contract",
     "ParityMetrics": "conformance.metrics",
@@ -36,8 +41,12 @@ _EXPORTS = {
     "check_parity": "conformance.parity",
     "HFReference": "conformance.reference",
     "ParityRunner": "conformance.runner",
-    "EngineHandle": "conformance.runner",
-    "default_engine_factory": "conformance.runner",
+    "ParitySession": "conformance.session",
+    "PromptSet": "conformance.session",
+    "EngineHandle": "conformance.engines.handle",
+    "register_engine": "conformance.engines.registry",
+    "engine_factory": "conformance.engines.registry",
+    "judge_samples": "conformance.judge",
     "assert_logprob_parity": "conformance.api",
     "Reference": "conformance.trainer",
     "TrainerFnReference": "conformance.trainer",

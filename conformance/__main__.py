@@ -14,8 +14,8 @@ from pathlib import Path
 
 
 def _report(args: argparse.Namespace) -> int:
-    from conformance.report_md import markdown_report
-    from conformance.results import ResultsError, load_run
+    from conformance.report.markdown import markdown_report
+    from conformance.report.results import ResultsError, load_run
 
     try:
         runs = [load_run(Path(p)) for p in args.results]
@@ -31,7 +31,7 @@ def _report(args: argparse.Namespace) -> int:
         except ImportError:
             print("error: the plots need matplotlib: pip install 'logprob-parity[report]' (or pass --no-plots)", file=sys.stderr)
             return 2
-        from conformance.plots import all_plots
+        from conformance.report.plots import all_plots
 
         plots = all_plots(runs, out)
     text = markdown_report(runs, plots, out)

@@ -22,7 +22,8 @@ from typing import Any
 from conformance.spec import TrainerSemantics
 from conformance.engines.base import Engine, Request, Sample
 from conformance.matrix import Cell
-from conformance.parity import ParityReport, SequenceInput, check_parity
+from conformance.judge import judge_samples, token_contexts
+from conformance.parity import ParityReport
 from conformance.tolerances import Tolerance
 from conformance.trainer import Reference, TrainerFnReference
 
@@ -58,36 +59,29 @@ def assert_logprob_parity(
       the engine's logprobs mode, i.e. the engine is judged against its own declared semantics.
     * ``samples``: the engine's output for ``requests`` if you already generated it (else generated here).
 
+    The verdict comes from the kit's one judge pipeline (:func:`~conformance.judge.judge_samples`).
     Returns the :class:`~conformance.parity.ParityReport`; raises ``AssertionError`` with
     ``report.explain()`` when it failed, ``ValueError`` for inconsistent arguments.
     """
-    if not requests:
-        raise ValueError("assert_logprob_parity: no requests")
-    spec = requests[0].spec
-    if any(r.spec != spec for r in requests):
-        raise ValueError("assert_logprob_parity: all requests must share one SamplingSpec (call once per spec)")
     if tolerance is None:
         if cell is None:
             raise ValueError("assert_logprob_parity: pass cell= or tolerance=")
         tolerance = cell.tolerance
     if samples is None:
         samples = engine.generate(requests)
-    if len(samples) != len(requests):
-        raise ValueError(f"assert_logprob_parity: {len(samples)} sample groups for {len(requests)} requests")
-    ref = as_reference(reference, model_path)
-    flat = [(r, s) for r, group in zip(requests, samples) for s in group]
-    logits = ref.raw_logits([(s.prompt_ids, s.output_ids) for _, s in flat])
-    contexts = {id(r): engine.token_context(r) for r in requests}
-    inputs = [SequenceInput(s, lg, contexts[id(r)]) for (r, s), lg in zip(flat, logits)]
-    report = check_parity(
-        inputs,
-        spec,
-        trainer if trainer is not None else engine.logprobs_mode,
-        tolerance,
-        cell.id if cell is not None else "custom",
+    report = judge_samples(
+        requests,
+        samples,
+        as_reference(reference, model_path),
+        token_contexts(engine, requests),
+        target=trainer if trainer is not None else engine.logprobs_mode,
+        tolerance=tolerance,
+        cell=cell.id if cell is not None else "custom",
         engine_description=engine.description,
         trainer_declared=trainer is not None,
         decode=decode,
     )
+    if report is None:
+        raise ValueError("assert_logprob_parity: the engine returned no samples")
     assert report.passed, report.explain()
     return report

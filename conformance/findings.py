@@ -22,7 +22,7 @@ from pathlib import Path
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-KNOWN_FINDINGS = Path(__file__).parent / "fixtures" / "known_findings.toml"
+from conformance.bundled import KNOWN_FINDINGS
 
 
 @dataclass(frozen=True)

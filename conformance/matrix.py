@@ -27,13 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from conformance.engines.registry import engine_names
 from conformance.spec import LOGPROBS_MODES, LogprobsMode
 from conformance.tolerances import Tolerance, precision_class, tolerance_for
 
 DTYPES = ("float32", "bfloat16", "float16")
 TIERS = ("cpu", "gpu")
-ENGINES = ("vllm", "vllm-server")
-"""``vllm``: offline ``vllm.LLM``; ``vllm-server``: a ``vllm serve`` subprocess over HTTP (``/v1/completions``)."""
 
 
 class MatrixError(ValueError):
@@ -50,6 +49,8 @@ class Cell:
     purpose: str = ""
     tier: str = "cpu"
     engine: str = "vllm"
+    """The registry name of the engine adapter (:mod:`conformance.engines.registry`): ``vllm`` (offline
+    ``vllm.LLM``), ``vllm-server`` (a ``vllm serve`` subprocess over HTTP), or a registered one."""
     model: str = "bundled"
     head_dtype: str | None = None
     enable_prefix_caching: bool | None = None
@@ -161,7 +162,6 @@ OPT_IN_FAMILIES = ("chunked-prefill", "server")
 """Families that need a dedicated cell configuration (e.g. a tiny step budget) and run only where listed."""
 _CHOICES: dict[str, tuple[str, ...]] = {
     "tier": TIERS,
-    "engine": ENGINES,
     "dtype": DTYPES,
     "logprobs_mode": LOGPROBS_MODES,
     "head_dtype": ("float32",),
@@ -177,6 +177,11 @@ def _build_cell(raw: Mapping[str, Any], source: str, index: int) -> Cell:
         _check_type(value, _FIELD_TYPES[key], where, key)
         if key in _CHOICES and value not in _CHOICES[key]:
             raise MatrixError(f"{where}: {key} = {value!r} is not one of {', '.join(_CHOICES[key])}")
+    if "engine" in raw and raw["engine"] not in engine_names():
+        raise MatrixError(
+            f"{where}: engine = {raw['engine']!r} is not a registered engine ({', '.join(engine_names())}; "
+            f"see conformance.engines.registry)"
+        )
     for required in ("id", "dtype", "logprobs_mode"):
         if required not in raw:
             raise MatrixError(f"{where}: missing required key {required!r}")

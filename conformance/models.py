@@ -35,8 +35,7 @@ __all__ = [
     "resolve_model",
 ]
 
-BUNDLED_MODEL: Path = Path(__file__).resolve().parent / "fixtures" / "models" / "pystdlib-llama"
-"""Directory of the bundled, trained model (config, bf16 safetensors, tokenizer)."""
+from conformance.bundled import BUNDLED_MODEL
 
 Family = Literal["llama", "qwen2"]
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
+from conformance.bundled import CPU_MATRIX
 from conformance.matrix import Cell, load_matrix
-from conformance.plugin import DEFAULT_MATRIX, DEFAULT_PROMPTS
 
 pytest_plugins = ["pytester"]
 
@@ -31,47 +31,46 @@ def one_torch_thread() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def cpu_cells() -> dict[str, Cell]:
     """The shipped CPU matrix's cells by id."""
-    return {c.id: c for c in load_matrix(DEFAULT_MATRIX)}
+    return {c.id: c for c in load_matrix(CPU_MATRIX)}
 
 
 @pytest.fixture(scope="session")
-def bundled_model() -> Path:
-    from conformance.models import BUNDLED_MODEL
+def kit_session() -> Any:
+    """The kit's own :class:`~conformance.session.ParitySession` on the bundled model (fp32 reference on the
+    CPU): the same builder the plugin and the benchmarks use."""
+    from conformance.session import ParitySession
 
-    return BUNDLED_MODEL
-
-
-@pytest.fixture(scope="session")
-def bundled_tokenizer(bundled_model: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(bundled_model)
+    return ParitySession(device="cpu")
 
 
 @pytest.fixture(scope="session")
-def bundled_reference(bundled_model: Path) -> Any:
-    from conformance.reference import HFReference
-
-    return HFReference(bundled_model)
+def bundled_model(kit_session: Any) -> Path:
+    return cast(Path, kit_session.model_path())
 
 
 @pytest.fixture(scope="session")
-def bundled_prompts(bundled_tokenizer: Any) -> Any:
-    from conformance.runner import PromptSet
-
-    return PromptSet.load(DEFAULT_PROMPTS, bundled_tokenizer)
+def bundled_tokenizer(kit_session: Any, bundled_model: Path) -> Any:
+    return kit_session.tokenizer(bundled_model)
 
 
 @pytest.fixture(scope="session")
-def engines(cpu_cells: dict[str, Cell], bundled_model: Path) -> Iterator[Any]:
+def bundled_reference(kit_session: Any, bundled_model: Path) -> Any:
+    return kit_session.reference(bundled_model)
+
+
+@pytest.fixture(scope="session")
+def bundled_prompts(kit_session: Any, bundled_model: Path) -> Any:
+    return kit_session.prompts(bundled_model)
+
+
+@pytest.fixture(scope="session")
+def engines(cpu_cells: dict[str, Cell], kit_session: Any) -> Iterator[Any]:
     """``engines(cell_id)`` -> a started :class:`EngineHandle` on the bundled model, reused all session."""
-    from conformance.runner import EngineHandle
+    handles: dict[str, Any] = {}
 
-    handles: dict[str, EngineHandle] = {}
-
-    def get(cell_id: str) -> EngineHandle:
+    def get(cell_id: str) -> Any:
         if cell_id not in handles:
-            handles[cell_id] = EngineHandle(cpu_cells[cell_id], bundled_model)
+            handles[cell_id] = kit_session.handle(cpu_cells[cell_id])
         return handles[cell_id]
 
     yield get
@@ -80,17 +79,15 @@ def engines(cpu_cells: dict[str, Cell], bundled_model: Path) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def make_runner(engines: Any, bundled_reference: Any, bundled_prompts: Any, bundled_tokenizer: Any) -> Any:
+def make_runner(engines: Any, kit_session: Any) -> Any:
     """``make_runner(cell_id, trainer=None, handle=None)`` -> a ParityRunner on the bundled model."""
     from conformance.runner import ParityRunner
 
     def make(cell_id: str, trainer: str | None = None, handle: Any = None) -> ParityRunner:
-        return ParityRunner(
-            handle if handle is not None else engines(cell_id),
-            bundled_reference,
-            bundled_prompts,
-            trainer=trainer,  # type: ignore[arg-type]
-            decode=lambda t: bundled_tokenizer.decode([t]),
+        runner = kit_session.runner(
+            handle.cell if handle is not None else engines(cell_id).cell, handle if handle is not None else engines(cell_id)
         )
+        runner.trainer = trainer
+        return cast(ParityRunner, runner)
 
     return make

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from conformance.golden import (
+from conformance.golden.store import (
     GOLDEN_CASES,
     MANIFEST,
     GoldenCase,
@@ -150,7 +150,7 @@ def test_committed_goldens_cover_the_cpu_matrix(cpu_cells: dict[str, Any], bundl
 @pytest.mark.selftest
 def test_perturbed_golden_value_fails_with_clear_message(make_runner: Any, bundled_model: Path, tmp_path: Path) -> None:
     """A golden value moved by 0.01 nat (100x the fp32 cell's bound) fails, naming the token and the drift."""
-    from conformance.golden_replay import verify_case
+    from conformance.golden.replay import verify_case
 
     runner = make_runner("fp32-processed")
     store = GoldenStore(REPO_GOLDEN)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from conformance.hidden_states import FP32_THRESHOLD, MODULES, compare
+from conformance.weights.hidden_states import FP32_THRESHOLD, MODULES, compare
 
 NAMES = [
     "model.embed_tokens", "model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.1.self_attn", "model.norm",

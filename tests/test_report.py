@@ -11,8 +11,8 @@ from conformance.contract import processed_distribution
 from conformance.spec import SamplingSpec, TokenContext
 from conformance.engines.base import Sample
 from conformance.parity import SequenceInput, check_parity
-from conformance.report import cell_rows, summary_table
-from conformance.runner import EngineFailureRecord, Recorder
+from conformance.report.cells import cell_rows, summary_table
+from conformance.report.recorder import EngineFailureRecord, Recorder
 from conformance.tolerances import DEFAULT_TOLERANCES
 
 

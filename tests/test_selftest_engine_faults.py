@@ -21,7 +21,8 @@ import pytest
 from hypothesis import Phase, settings
 from hypothesis import strategies as st
 
-from conformance.checks import check_cases
+from conformance.bundled import GPU_MATRIX
+from conformance.plugin.fixture import Parity, check_cases
 from conformance.spec import SamplingSpec
 from conformance.matrix import load_matrix
 from conformance.strategies import Case, vocabulary_from_tokenizer
@@ -68,7 +69,7 @@ CASES: dict[str, tuple[str, list[SamplingSpec]]] = {
 
 
 @pytest.fixture(scope="module", params=sorted(TIERS))
-def planted(request: pytest.FixtureRequest, make_runner: Any, bundled_model: Any) -> Iterator[tuple[Any, Any]]:
+def planted(request: pytest.FixtureRequest, make_runner: Any, kit_session: Any) -> Iterator[tuple[Any, Any]]:
     """(runner on the tier's fp32 processed cell, set_mode); the wrappers are removed afterwards."""
     tier = request.param
     if tier == "gpu":
@@ -76,11 +77,8 @@ def planted(request: pytest.FixtureRequest, make_runner: Any, bundled_model: Any
 
         if not torch.cuda.is_available():
             pytest.skip("GPU variant: torch.cuda.is_available() is False")
-        from conformance.plugin import DEFAULT_MATRIX
-        from conformance.runner import EngineHandle
-
-        gpu = {c.id: c for c in load_matrix(DEFAULT_MATRIX.with_name("gpu.toml"))}[TIERS["gpu"]]
-        handle = EngineHandle(gpu, bundled_model)
+        gpu = {c.id: c for c in load_matrix(GPU_MATRIX)}[TIERS["gpu"]]
+        handle = kit_session.handle(gpu)
         runner = make_runner(TIERS["cpu"], handle=handle)
     else:
         handle, runner = None, make_runner(TIERS["cpu"])
@@ -125,11 +123,11 @@ def test_batch_property_catches_batch_dependent_logits(planted: tuple[Any, Any],
     set_mode("batch-noise")
     try:
         with pytest.raises(AssertionError) as info:
-            path_tests.test_batch_composition_does_not_change_logprobs(runner, vocab, FEW)
+            path_tests.test_batch_composition_does_not_change_logprobs(Parity(runner, FEW, vocab, "selftest"))
     finally:
         set_mode("none")
     assert "[layer: inference-path]" in str(info.value), str(info.value)
-    path_tests.test_batch_composition_does_not_change_logprobs(runner, vocab, FEW)
+    path_tests.test_batch_composition_does_not_change_logprobs(Parity(runner, FEW, vocab, "selftest"))
 
 
 def test_sampling_check_catches_a_sampler_drawing_elsewhere(planted: tuple[Any, Any]) -> None:
@@ -140,9 +138,9 @@ def test_sampling_check_catches_a_sampler_drawing_elsewhere(planted: tuple[Any, 
     set_mode("samples-elsewhere")
     try:
         with pytest.raises(AssertionError) as info:
-            test_distribution.test_sampling_follows_reported_probabilities(runner)
+            test_distribution.test_sampling_follows_reported_probabilities(Parity(runner, FEW, None, "selftest"))
     finally:
         set_mode("none")
     message = str(info.value)
     assert "sampling FAILED [layer: semantic]" in message and "chi-square" in message, message
-    test_distribution.test_sampling_follows_reported_probabilities(runner)
+    test_distribution.test_sampling_follows_reported_probabilities(Parity(runner, FEW, None, "selftest"))

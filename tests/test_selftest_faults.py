@@ -9,7 +9,8 @@ import pytest
 from hypothesis import Phase, settings
 
 from conformance.spec import SamplingSpec
-from conformance.runner import EngineHandle
+from conformance.engines.handle import EngineHandle
+from conformance.plugin.fixture import Parity
 from conformance.strategies import Case, vocabulary_from_tokenizer
 from conformance.suite import test_inference_path as path_tests
 from tests import faults
@@ -35,6 +36,11 @@ def _faulty(engines: Any, make_runner: Any, fault: faults.Fault | None) -> Any:
     return make_runner(CELL, handle=handle)
 
 
+def _parity(runner: Any, vocab: Any = None) -> Parity:
+    """The suite's ``parity`` object over ``runner``, with a few examples and no example database."""
+    return Parity(runner, FEW, vocab, "selftest")
+
+
 def _expect_failure(layer: str, call: Any) -> str:
     with pytest.raises(AssertionError) as info:
         call()
@@ -46,17 +52,17 @@ def _expect_failure(layer: str, call: Any) -> str:
 FAMILIES = {
     "prefix-cache": (
         faults.on_cache_hit(0.01),
-        lambda runner, vocab: path_tests.test_prefix_cache_hit_matches_cold(runner, vocab, FEW),
+        lambda runner, vocab: path_tests.test_prefix_cache_hit_matches_cold(_parity(runner, vocab)),
         "prefix-cache hit",
     ),
     "batch": (
         faults.when_batched(0.01),
-        lambda runner, vocab: path_tests.test_batch_composition_does_not_change_logprobs(runner, vocab, FEW),
+        lambda runner, vocab: path_tests.test_batch_composition_does_not_change_logprobs(_parity(runner, vocab)),
         "in a batch of",
     ),
     "decode-vs-prefill": (
         faults.on_prefill_rescore(0.01),
-        lambda runner, vocab: path_tests.test_decode_matches_prefill_rescore(runner, "block-boundary"),
+        lambda runner, vocab: path_tests.test_decode_matches_prefill_rescore(_parity(runner, vocab), "block-boundary"),
         "prefill rescore",
     ),
 }
@@ -88,20 +94,18 @@ def test_sampling_family_catches_a_sampler_drawing_elsewhere(engines: Any, make_
     from conformance.suite import test_distribution
 
     runner = _faulty(engines, make_runner, faults.samples_elsewhere())
-    message = _expect_failure("semantic", lambda: test_distribution.test_sampling_follows_reported_probabilities(runner))
+    message = _expect_failure("semantic", lambda: test_distribution.test_sampling_follows_reported_probabilities(_parity(runner)))
     assert "chi-square" in message
-    test_distribution.test_sampling_follows_reported_probabilities(_faulty(engines, make_runner, None))
+    test_distribution.test_sampling_follows_reported_probabilities(_parity(_faulty(engines, make_runner, None)))
 
 
-def test_precision_family_catches_an_ignored_head_dtype(engines: Any, cpu_cells: Any, bundled_model: Any,
-                                                        bundled_reference: Any, bundled_prompts: Any) -> None:
+def test_precision_family_catches_an_ignored_head_dtype(cpu_cells: Any, kit_session: Any) -> None:
     """A 'head32' engine that is really the bf16 engine (head_dtype ignored): identical errors, no gain."""
-    from conformance.runner import default_engine_factory
     from conformance.suite.test_precision import compare_heads
 
     low, head32 = cpu_cells["bf16-processed"], cpu_cells["bf16-processed-head32"]
-    ignored = lambda cell, path: default_engine_factory(low, path)  # noqa: E731
-    line, passed = compare_heads(low, head32, bundled_model, bundled_reference, bundled_prompts, ignored)
+    ignored = EngineHandle(head32, kit_session.model_path(), factory=lambda cell, path: kit_session.factory(low)(low, path))
+    line, passed = compare_heads(low, head32, kit_session, ignored)
     assert not passed and "closer on 0, farther on 0" in line, line
 
 
@@ -111,8 +115,8 @@ def test_chunked_prefill_family_catches_its_fault(engines: Any, make_runner: Any
     fault = faults.on_long_prefill(0.01, real.engine.scheduler_budget())
     handle = EngineHandle(real.cell, real.model_path, factory=lambda cell, path: faults.FaultyEngine(real.engine, fault))
     runner = make_runner("fp32-processed-chunked", handle=handle)
-    _expect_failure("inference-path", lambda: path_tests.test_chunked_prefill_matches_reference(runner, False))
-    path_tests.test_chunked_prefill_matches_reference(make_runner("fp32-processed-chunked"), False)
+    _expect_failure("inference-path", lambda: path_tests.test_chunked_prefill_matches_reference(_parity(runner), False))
+    path_tests.test_chunked_prefill_matches_reference(_parity(make_runner("fp32-processed-chunked")), False)
 
 
 def test_one_sided_head_precision_is_flagged(pytester: pytest.Pytester) -> None:
@@ -131,6 +135,8 @@ def test_top_k_family_catches_a_distribution_gap(engines: Any, make_runner: Any)
 
     spec = test_distribution.SamplingSpec(temperature=1.0, max_tokens=8, logprobs=20, seed=11)
     runner = _faulty(engines, make_runner, faults.top_n_drift(0.01))
-    message = _expect_failure("inference-path", lambda: test_distribution.test_top_k_distribution_matches_reference(runner, spec))
+    message = _expect_failure(
+        "inference-path", lambda: test_distribution.test_top_k_distribution_matches_reference(_parity(runner), spec)
+    )
     assert "(top)" in message  # the worst tokens are top-n entries, not sampled ones
-    test_distribution.test_top_k_distribution_matches_reference(_faulty(engines, make_runner, None), spec)
+    test_distribution.test_top_k_distribution_matches_reference(_parity(_faulty(engines, make_runner, None)), spec)

@@ -20,18 +20,11 @@ from typing import Any
 
 import pytest
 
-from conformance.hidden_states import first_divergence
-from conformance.weights import (
-    UPDATE_PATHS,
-    WEIGHT_SYNC_LAYER,
-    TrainerStandIn,
-    UpdateReport,
-    WeightSet,
-    default_probes,
-    judge_update,
-    recommended_update,
-    training_batch,
-)
+from conformance.weights.hidden_states import first_divergence
+from conformance.judge import token_contexts
+from conformance.weights.paths import UPDATE_PATHS, default_probes, recommended_update, training_batch
+from conformance.weights.state import TrainerStandIn, WeightSet
+from conformance.weights.verdict import WEIGHT_SYNC_LAYER, UpdateCheck, UpdateReport, judge_update
 
 pytestmark = pytest.mark.selftest
 CELL = "fp32-processed"
@@ -61,11 +54,11 @@ def engine(engines: Any, stand_in: Any) -> Iterator[Any]:
 def _judge(engine: Any, stand_in: Any, samples: Any, new: WeightSet, ref_new: Any = None) -> UpdateReport:
     trainer, _, ref0, _, probes = stand_in
     cell = engine.cell
-    contexts = [engine.token_context(r) for r in probes.requests]
-    return judge_update(
-        probes.requests, samples, contexts, trainer, new, trainer.w0, cell.logprobs_mode, cell.tolerance,
-        cell.id, RELOAD.name, new_reference=ref_new, old_reference=ref0, engine=engine,
-    )
+    return judge_update(UpdateCheck(
+        probes.requests, samples, token_contexts(engine, probes.requests), trainer, new, trainer.w0,
+        cell.logprobs_mode, cell.tolerance, cell.id, RELOAD.name, new_reference=ref_new, old_reference=ref0,
+        engine=engine,
+    ))
 
 
 def _cache_then_push(engine: Any, stand_in: Any, weights: WeightSet, reset: bool, path: Any = RELOAD) -> Any:

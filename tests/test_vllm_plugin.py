@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conformance.vllm_plugin import HOST_BACKEND, installed, register
+from conformance.engines.vllm_plugin import HOST_BACKEND, installed, register
 
 
 def test_entry_point_is_installed() -> None:

@@ -4,13 +4,20 @@ An engine is started for one :class:`~conformance.matrix.Cell`, generates comple
 prompts under :class:`~conformance.spec.SamplingSpec`, reports per generated position the value of
 the sampled token and of the top-n tokens (whatever its logprobs mode makes those values mean), and is
 closed once. Failures of the engine itself are :class:`EngineFailure`, never a bare traceback.
+
+Optional capabilities are small protocols, checked with ``isinstance`` (a test that needs one skips
+with the reason when the engine lacks it): :class:`PrefixCacheReset`, :class:`SchedulerInfo`,
+:class:`WorkerRPC` (callables run inside the engine's workers: weight reloads from tensors, hidden
+states, the lm_head dtype), :class:`CheckpointReload`, :class:`WeightTransferClient` and
+:class:`ServerProcess`. Engines are built by name through :mod:`conformance.engines.registry`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 from conformance.spec import LogprobsMode, SamplingSpec, TokenContext
 
@@ -70,13 +77,23 @@ class Engine(Protocol):
     """A started engine for one cell."""
 
     @property
+    def name(self) -> str:
+        """The inference engine, e.g. ``vllm`` (known findings are keyed by it and :attr:`version`)."""
+        ...
+
+    @property
+    def version(self) -> str | None:
+        """The engine's version, e.g. ``0.32.0`` (None when unknown)."""
+        ...
+
+    @property
     def logprobs_mode(self) -> LogprobsMode:
         """What the engine's returned values mean (see :mod:`conformance.contract`)."""
         ...
 
     @property
     def description(self) -> str:
-        """Engine name and version, e.g. ``vllm 0.32.0 (offline)``."""
+        """Engine name, version and access path, e.g. ``vllm 0.32.0 (offline LLM)``."""
         ...
 
     def token_context(self, request: Request) -> TokenContext:
@@ -92,10 +109,63 @@ class Engine(Protocol):
         ...
 
 
+# -- optional capabilities -------------------------------------------------------------------------------
+
+
 @runtime_checkable
-class CachingEngine(Engine, Protocol):
-    """An engine with a prefix cache the suite can empty (for cold-versus-hit comparisons)."""
+class PrefixCacheReset(Protocol):
+    """An engine with a prefix cache the suite can empty (cold-versus-hit comparisons, weight updates)."""
 
     def reset_prefix_cache(self) -> None:
         """Drop every cached prefix block."""
         ...
+
+
+@runtime_checkable
+class SchedulerInfo(Protocol):
+    """An engine that tells its KV-cache block size and per-step token budget."""
+
+    def block_size(self) -> int:
+        """KV-cache block size (prefix caching reuses whole blocks only)."""
+        ...
+
+    def scheduler_budget(self) -> int | None:
+        """Prompt tokens one engine step takes (``max_num_batched_tokens``)."""
+        ...
+
+
+@runtime_checkable
+class WorkerRPC(Protocol):
+    """An engine that runs a callable (or a worker method by name) in every worker and returns the results."""
+
+    def collective_rpc(self, method: Any, kwargs: dict[str, Any] | None = None) -> list[Any]:
+        """One result per worker (rank order); a failure in a worker is an :class:`EngineFailure`."""
+        ...
+
+
+@runtime_checkable
+class CheckpointReload(Protocol):
+    """An engine that reloads every weight in place from a safetensors checkpoint directory."""
+
+    def reload_weights_from_path(self, checkpoint_dir: Path) -> None: ...
+
+
+@runtime_checkable
+class WeightTransferClient(Protocol):
+    """The control plane of vLLM's weight-transfer API (offline ``LLM`` methods or the server's RL routes)."""
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None: ...
+
+    def start_weight_update(self) -> None: ...
+
+    def update_weights(self, update_info: dict[str, Any]) -> None: ...
+
+    def finish_weight_update(self) -> None: ...
+
+
+@runtime_checkable
+class ServerProcess(Protocol):
+    """An engine served by a process the kit started (its pid, for death and orphan checks)."""
+
+    @property
+    def pid(self) -> int | None: ...

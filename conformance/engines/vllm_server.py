@@ -17,74 +17,50 @@ run the same hypothesis strategies as offline cells. Not available through the s
 engine's ``block_size`` / ``scheduler_budget`` (tests that need them skip or use defaults), which is why
 server cells run the ``semantic`` and ``server`` families.
 
-HTTP uses :mod:`urllib` from the standard library: no new dependency.
+The request/response mapping is :mod:`conformance.engines.openai_completions`, the process life cycle
+:mod:`conformance.engines.server_process`; this module holds what is vLLM's: the ``vllm serve`` command
+line, its dev endpoints and its RL routes. HTTP uses :mod:`urllib` from the standard library.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
-import math
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from conformance.spec import LogprobsMode, TokenContext
 from conformance.engines.base import EngineFailure, Request, Sample
+from conformance.engines.openai_completions import completion_body, parse_choice, parse_response
+from conformance.engines.server_process import (
+    DEATH_GRACE_S,
+    ManagedServer,
+    ServerStartError,
+    free_port,
+    group_members,
+    port_in_use,
+)
+from conformance.engines.vllm_common import cell_env, root_cause, vllm_version
 from conformance.matrix import Cell
+from conformance.spec import LogprobsMode, TokenContext
 
-SERVER_INF = -9999.0
-"""The server's JSON stand-in for -inf (``max(logprob, -9999.0)`` in vLLM's OpenAI layer)."""
-DEATH_GRACE_S = 3.0
-"""Seconds a transport error waits for the server process to be reaped before it is called a transport error."""
+__all__ = [
+    "VllmServerEngine",
+    "cli_flags",
+    "completion_body",
+    "group_members",
+    "parse_choice",
+    "serve_command",
+]
+
 DEV_ENV: dict[str, str] = {"VLLM_SERVER_DEV_MODE": "1"}
 # Flags whose value is the cell's (the model path is positional).
 _SKIPPED_KWARGS = {"model"}
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-REAP_TIMEOUT_S = 20.0
-"""How long ``close()`` waits for the killed server's process group to be gone."""
-
-
-def group_members(pgid: int) -> list[int]:
-    """Pids of the live (not zombie) processes in process group ``pgid``."""
-    import psutil
-
-    members = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                members.append(proc.pid)
-        except (ProcessLookupError, psutil.Error, OSError):
-            continue
-    return members
-
-
-def port_in_use(host: str, port: int) -> bool:
-    """Whether binding ``host:port`` fails (someone holds it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
 
 
 def cli_flags(engine_kwargs: Mapping[str, Any]) -> list[str]:
@@ -118,85 +94,6 @@ def serve_command(model_path: Path) -> list[str]:
     return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_path)]
 
 
-def _unclamp(value: Any) -> float:
-    """The server's number as a logprob: ``-9999.0`` (its -inf) back to ``-inf``."""
-    number = float(value)
-    return -math.inf if number <= SERVER_INF else number
-
-
-def _token_id(text: str) -> int:
-    """``"token_id:123"`` (``return_tokens_as_token_ids``) -> 123."""
-    if not isinstance(text, str) or not text.startswith("token_id:"):
-        raise ValueError(f"expected 'token_id:<int>', got {text!r}")
-    return int(text.split(":", 1)[1])
-
-
-def parse_choice(request: Request, choice: Mapping[str, Any], cached_tokens: int | None = None) -> Sample:
-    """One ``/v1/completions`` choice as a :class:`Sample` (raises ValueError/KeyError/TypeError when the
-    choice does not have the documented shape)."""
-    logprobs = choice["logprobs"]
-    if logprobs is None:
-        raise ValueError("choice has no logprobs")
-    tokens = [_token_id(t) for t in logprobs["tokens"]]
-    token_ids = choice.get("token_ids")
-    if token_ids is not None and list(map(int, token_ids)) != tokens:
-        raise ValueError(f"token_ids {token_ids} disagree with the logprob tokens {tokens}")
-    tops: list[dict[int, float]] = []
-    sampled: list[float | None] = []
-    for i, token in enumerate(tokens):
-        entry = logprobs["top_logprobs"][i] or {}
-        values = {_token_id(t): _unclamp(v) for t, v in entry.items()}
-        value = logprobs["token_logprobs"][i]
-        if value is not None:
-            values.setdefault(token, _unclamp(value))
-        tops.append(values)
-        sampled.append(values.get(token))
-    sample = Sample(tuple(request.prompt_ids), tokens, sampled, tops, choice.get("finish_reason"))
-    sample.cached_tokens = cached_tokens
-    if request.prompt_logprobs is not None:
-        sample.prompt_values = [
-            None if entry is None else {int(t): _unclamp(lp["logprob"]) for t, lp in entry.items()}
-            for entry in (choice.get("prompt_logprobs") or [])
-        ]
-    return sample
-
-
-def completion_body(request: Request) -> dict[str, Any]:
-    """The ``/v1/completions`` JSON body for ``request`` (token-id prompt, every sampling parameter)."""
-    spec = request.spec
-    body: dict[str, Any] = {
-        "prompt": list(request.prompt_ids),
-        "max_tokens": spec.max_tokens,
-        "temperature": spec.temperature,
-        "top_p": spec.top_p,
-        "top_k": spec.top_k,
-        "min_p": spec.min_p,
-        "repetition_penalty": spec.repetition_penalty,
-        "frequency_penalty": spec.frequency_penalty,
-        "presence_penalty": spec.presence_penalty,
-        "min_tokens": spec.min_tokens,
-        "n": spec.n,
-        "logprobs": spec.logprobs,
-        "ignore_eos": spec.ignore_eos,
-        "return_tokens_as_token_ids": True,
-        "return_token_ids": True,
-        "skip_special_tokens": False,
-    }
-    if spec.logit_bias:
-        body["logit_bias"] = {str(t): float(b) for t, b in spec.logit_bias}
-    if spec.allowed_token_ids is not None:
-        body["allowed_token_ids"] = list(spec.allowed_token_ids)
-    if spec.bad_words:
-        body["bad_words"] = list(spec.bad_words)
-    if spec.stop_token_ids:
-        body["stop_token_ids"] = list(spec.stop_token_ids)
-    if spec.seed is not None:
-        body["seed"] = spec.seed
-    if request.prompt_logprobs is not None:
-        body["prompt_logprobs"] = request.prompt_logprobs
-    return body
-
-
 class VllmServerEngine:
     """A ``vllm serve`` subprocess started for ``cell`` on ``model_path``, or a client of a running one.
 
@@ -204,6 +101,8 @@ class VllmServerEngine:
     alone). ``port`` given: that port must be free, else a one-line :class:`EngineFailure`; by default a
     free port is picked (and another one tried if the server loses the race for it).
     """
+
+    name = "vllm"
 
     def __init__(
         self,
@@ -221,37 +120,32 @@ class VllmServerEngine:
         self.host = host
         self.request_timeout_s = request_timeout_s
         self.dead = False
-        self.process: subprocess.Popen[bytes] | None = None
         self._tokenizer: Any = None
         self.log_path = Path(tempfile.mkstemp(prefix=f"vllm-serve-{cell.id}-", suffix=".log", dir=log_dir)[1])
+        self.server: ManagedServer | None = None
         if base_url is not None:
             self.base_url = base_url.rstrip("/")
             return
         if port is not None and port_in_use(host, port):
             raise EngineFailure(f"cell {cell.id}: cannot start vllm serve: port {host}:{port} is already in use")
+        env = {**os.environ, **cell_env(cell), **DEV_ENV}
+        self.server = ManagedServer(self.command, env, self.log_path)
         for attempt in range(3):
             chosen = port if port is not None else free_port(host)
             self.base_url = f"http://{host}:{chosen}"
             try:
-                self._start(chosen)
+                self.server.start(chosen, self.base_url + "/health", cell.start_timeout_s)
                 return
-            except EngineFailure:
+            except ServerStartError as exc:
                 lost_race = port is None and "address already in use" in self.log_tail(60).lower()
-                if not lost_race or attempt == 2:
-                    raise
+                if lost_race and attempt < 2:
+                    continue
+                cause = root_cause(self.log_tail(60)) if exc.exit_code is not None else ""
+                raise EngineFailure(
+                    f"cell {cell.id}: vllm serve {exc}" + (f": {cause}" if cause else ""), self.log_tail()
+                ) from None
 
     # -- life cycle -----------------------------------------------------------------------------------
-    def _env(self) -> dict[str, str]:
-        from conformance.engines.vllm_offline import BASE_ENV, CPU_ENV
-
-        env = dict(os.environ)
-        env.update(BASE_ENV)
-        if self.cell.tier == "cpu":
-            env.update(CPU_ENV)
-        env.update(self.cell.env)
-        env.update(DEV_ENV)
-        return env
-
     def command(self, port: int) -> list[str]:
         """The ``vllm serve`` command line for this cell (see :func:`serve_command`)."""
         return [
@@ -262,86 +156,17 @@ class VllmServerEngine:
             *cli_flags(self.cell.engine_kwargs()),
         ]
 
-    def _start(self, port: int) -> None:
-        with open(self.log_path, "ab") as log:
-            log.write(("$ " + " ".join(self.command(port)) + "\n").encode())
-            log.flush()
-            self.process = subprocess.Popen(
-                self.command(port), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self._env(), start_new_session=True,
-            )
-        deadline = time.monotonic() + self.cell.start_timeout_s
-        while True:
-            code = self.process.poll()
-            if code is not None:
-                self._reap()
-                cause = self.root_cause(self.log_tail(60))
-                raise EngineFailure(
-                    f"cell {self.cell.id}: vllm serve exited with code {code} before it was ready"
-                    + (f": {cause}" if cause else ""),
-                    self.log_tail(),
-                )
-            if self._healthy():
-                return
-            if time.monotonic() > deadline:
-                self._reap()
-                raise EngineFailure(
-                    f"cell {self.cell.id}: vllm serve was not ready within {self.cell.start_timeout_s:.0f} s "
-                    f"({self.base_url}/health)",
-                    self.log_tail(),
-                )
-            time.sleep(0.5)
-
-    def _healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.base_url + "/health", timeout=2) as response:
-                return bool(response.status == 200)
-        except (OSError, urllib.error.URLError):
-            return False
-
-    def _reap(self) -> None:
-        """Kill the server's process group (TERM, then KILL after 15 s) and wait for it."""
-        process, self.process = self.process, None
-        if process is None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            pass
-        # The group may outlive its leader (the engine-core child): kill what is left, always, and return
-        # only once none of it runs (SIGKILL is asynchronous: a big process takes a moment to go).
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=10)
-        deadline = time.monotonic() + REAP_TIMEOUT_S
-        while group_members(process.pid) and time.monotonic() < deadline:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
-            time.sleep(0.2)
-
     @property
     def pid(self) -> int | None:
         """The server's process id (the leader of its process group), None when none is running."""
-        return None if self.process is None else self.process.pid
+        return None if self.server is None else self.server.pid
 
     def close(self) -> None:
-        self._reap()
+        if self.server is not None:
+            self.server.stop()
 
     def log_tail(self, lines: int = 25) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    @staticmethod
-    def root_cause(log_tail: str) -> str:
-        from conformance.engines.vllm_offline import VllmOfflineEngine
-
-        return VllmOfflineEngine.root_cause(log_tail)
+        return self.server.log_tail(lines) if self.server is not None else ""
 
     # -- HTTP -----------------------------------------------------------------------------------------
     def _post(self, path: str, body: Mapping[str, Any] | None, what: str) -> Any:
@@ -384,16 +209,11 @@ class VllmServerEngine:
 
         A connection reset can arrive a moment before the killed server process is reaped, so a live-looking
         process gets a short grace period before the failure is called a transport error."""
-        if self.process is not None and self.process.poll() is None:
-            try:
-                self.process.wait(timeout=DEATH_GRACE_S)
-            except subprocess.TimeoutExpired:
-                pass
-        if self.process is not None and self.process.poll() is not None:
+        code = self.server.exit_code(DEATH_GRACE_S) if self.server is not None else None
+        if code is not None:
             self.dead = True
-            code = self.process.returncode
             tail = self.log_tail()
-            cause = self.root_cause(tail)
+            cause = root_cause(tail)
             return EngineFailure(
                 f"cell {self.cell.id}: vllm serve died (exit code {code}): {text}"
                 + (f" (root cause: {cause})" if cause else ""),
@@ -402,14 +222,21 @@ class VllmServerEngine:
         return EngineFailure(f"cell {self.cell.id}: {text}", self.log_tail())
 
     # -- engine protocol ------------------------------------------------------------------------------
+    @classmethod
+    def engine_version(cls) -> str | None:
+        """The installed vLLM's version (also before an engine is started)."""
+        return vllm_version()
+
+    @property
+    def version(self) -> str | None:
+        return vllm_version()
+
     @property
     def logprobs_mode(self) -> LogprobsMode:
         return self.cell.logprobs_mode
 
     @property
     def description(self) -> str:
-        from conformance.engines.vllm_offline import vllm_version
-
         return f"vllm {vllm_version()} (OpenAI server)"
 
     @property
@@ -438,10 +265,7 @@ class VllmServerEngine:
     def _complete(self, request: Request) -> list[Sample]:
         response = self._post("/v1/completions", completion_body(request), "a /v1/completions request")
         try:
-            details = (response.get("usage") or {}).get("prompt_tokens_details") or {}
-            cached = details.get("cached_tokens")
-            choices = sorted(response["choices"], key=lambda c: int(c["index"]))
-            samples = [parse_choice(request, c, cached) for c in choices]
+            samples = parse_response(request, response)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             text = " ".join(json.dumps(response)[:160].split())
             raise EngineFailure(
@@ -460,10 +284,7 @@ class VllmServerEngine:
         workers = min(len(requests), 32)
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=f"serve-{self.cell.id}") as pool:
             futures = [pool.submit(self._complete, r) for r in requests]
-            results: list[list[Sample]] = []
-            for future in futures:
-                results.append(future.result())  # the first failure, in request order
-        return results
+            return [future.result() for future in futures]  # the first failure, in request order
 
     # -- weight sync (dev endpoints, VLLM_SERVER_DEV_MODE=1) ----------------------------------------
     def reset_prefix_cache(self) -> None:

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any
 
 import pytest
 import torch
 
-from conformance.spec import SamplingSpec
+from conformance import contract
 from conformance.engines.base import Request
-from conformance.parity import scaled_tolerance
+from conformance.plugin.fixture import Parity
+from conformance.spec import SamplingSpec
 
 pytestmark = [pytest.mark.parity, pytest.mark.family("distribution")]
 
@@ -60,29 +60,23 @@ def goodness_of_fit(counts: dict[int, int], probs: dict[int, float], other: floa
     return statistic, dof, chi_square_sf(statistic, dof)
 
 
-def _prompt(runner: Any) -> tuple[int, ...]:
-    return runner.prompts.ids[0]
-
-
 @pytest.mark.parametrize("spec", [
     SamplingSpec(temperature=1.0, max_tokens=8, logprobs=TOP, seed=11),
     SamplingSpec(temperature=0.7, top_p=0.95, max_tokens=8, logprobs=TOP, seed=12),
 ], ids=["t1", "t0.7-top_p0.95"])
-def test_top_k_distribution_matches_reference(parity_runner: Any, spec: SamplingSpec) -> None:
-    requests = [Request(parity_runner.prompts.ids[i], spec) for i in (0, 2, 9)]
-    samples = parity_runner.generate(requests)
-    report = parity_runner.judge(requests, samples, "test_top_k_distribution_matches_reference")
-    assert report.passed, report.explain()
-    tolerance = scaled_tolerance(parity_runner.cell.tolerance, spec, parity_runner.target).max_abs
-    from conformance import contract
-
+def test_top_k_distribution_matches_reference(parity: Parity, spec: SamplingSpec) -> None:
+    requests = [Request(parity.prompts.ids[i], spec) for i in (0, 2, 9)]
+    samples = parity.generate(requests)
+    parity.assert_passed(parity.judge(requests, samples))
+    tolerance = parity.max_abs(spec, parity.target)
+    mode = parity.cell.logprobs_mode
     problems: list[str] = []
     for (request, group) in zip(requests, samples):
         sample = group[0]
-        context = parity_runner.handle.engine.token_context(request)
-        raw = parity_runner.reference.raw_logits([(sample.prompt_ids, sample.output_ids)])[0]
+        context = parity.engine.token_context(request)
+        raw = parity.runner.reference.raw_logits([(sample.prompt_ids, sample.output_ids)])[0]
         dist = contract.processed_distribution(raw, sample.output_ids, spec, context)
-        values = contract.mode_values(dist, raw, parity_runner.cell.logprobs_mode)
+        values = contract.mode_values(dist, raw, mode)
         for pos, top in enumerate(sample.top_values):
             engine_tokens = sorted(top, key=lambda t: -top[t])[:TOP]
             ref_sorted = torch.sort(values[pos], descending=True).values
@@ -91,7 +85,7 @@ def test_top_k_distribution_matches_reference(parity_runner: Any, spec: Sampling
                 if float(values[pos, t]) < kth - 2 * tolerance and math.isfinite(top[t]):
                     problems.append(f"pos {pos}: token {t} is in the engine's top-{TOP} but ranks below the "
                                     f"reference's {TOP}th value by {kth - float(values[pos, t]):.3g}")
-            if parity_runner.cell.logprobs_mode.endswith("logprobs"):
+            if mode.endswith("logprobs"):
                 finite = [t for t in engine_tokens if math.isfinite(top[t])]
                 eng_mass = sum(math.exp(top[t]) for t in finite)
                 ref_mass = float(torch.exp(values[pos, finite]).sum()) if finite else 0.0
@@ -105,21 +99,21 @@ def test_top_k_distribution_matches_reference(parity_runner: Any, spec: Sampling
                     if kl > tolerance**2 + 1e-6:
                         problems.append(f"pos {pos}: KL(reference || engine) over the shared top-{TOP} {kl:.3g}")
     assert not problems, (
-        f"top-{TOP} distribution FAILED [layer: inference-path] in cell {parity_runner.cell.id!r} "
+        f"top-{TOP} distribution FAILED [layer: inference-path] in cell {parity.cell.id!r} "
         f"({spec.describe()}):\n  " + "\n  ".join(problems[:10])
     )
 
 
-def test_sampling_follows_reported_probabilities(parity_runner: Any) -> None:
+def test_sampling_follows_reported_probabilities(parity: Parity) -> None:
     """N unseeded draws of the first token; chi-square against the engine's own reported probabilities."""
-    mode = parity_runner.cell.logprobs_mode
+    mode = parity.cell.logprobs_mode
     if not mode.endswith("logprobs"):
-        pytest.skip(f"cell {parity_runner.cell.id} reports {mode}, not probabilities")
+        pytest.skip(f"cell {parity.cell.id} reports {mode}, not probabilities")
     # top_k=8 makes the whole processed support visible in the top-20; raw cells report the full
     # distribution's top-20 and the rest of the mass goes to an 'other' bin.
     spec = SamplingSpec(temperature=1.0, top_k=8, max_tokens=1, logprobs=TOP)
-    prompt = _prompt(parity_runner)
-    samples = parity_runner.generate([Request(prompt, spec) for _ in range(DRAWS)])
+    prompt = parity.prompts.ids[0]
+    samples = parity.generate([Request(prompt, spec) for _ in range(DRAWS)])
     counts = Counter(s.output_ids[0] for group in samples for s in group)
     reported = samples[0][0].top_values[0]
     probs = {t: math.exp(v) for t, v in reported.items() if math.isfinite(v)}
@@ -132,7 +126,7 @@ def test_sampling_follows_reported_probabilities(parity_runner: Any) -> None:
     statistic, dof, p_value = goodness_of_fit(dict(counts), probs, other)
     expected = {t: round(p * DRAWS, 1) for t, p in sorted(probs.items(), key=lambda kv: -kv[1])[:8]}
     assert p_value >= ALPHA, (
-        f"sampling FAILED [layer: semantic] in cell {parity_runner.cell.id!r}: {DRAWS} draws do not follow the "
+        f"sampling FAILED [layer: semantic] in cell {parity.cell.id!r}: {DRAWS} draws do not follow the "
         f"reported probabilities (chi-square {statistic:.1f}, dof {dof}, p = {p_value:.2g} < {ALPHA}); "
         f"observed counts {dict(counts.most_common(8))}, expected {expected}"
     )

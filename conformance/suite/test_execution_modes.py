@@ -14,18 +14,15 @@ from typing import Any
 
 import pytest
 
-from conformance.checks import assert_parity
-from conformance.spec import SamplingSpec
+from conformance.bundled import GPU_MATRIX
 from conformance.engines.base import Request
 from conformance.matrix import Cell, load_matrix
 from conformance.parity import scaled_tolerance
-from conformance.paths import compare_samples
-from conformance.plugin import FIXTURES
-from conformance.runner import EngineHandle
+from conformance.path_comparison import compare_samples
+from conformance.plugin.fixture import assert_parity
+from conformance.spec import SamplingSpec
 
 pytestmark = [pytest.mark.parity, pytest.mark.family("execution-mode")]
-
-GPU_MATRIX = FIXTURES / "matrices" / "gpu.toml"
 SWITCHES: dict[str, tuple[str, ...]] = {
     "eager vs compile + CUDA graphs": ("enforce_eager",),
     "prefix caching": ("enable_prefix_caching",),
@@ -74,33 +71,29 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("pair", params)
 
 
-def test_execution_switch_keeps_logprobs(pair: tuple[Cell, Cell, str], parity_config: Any, parity_models: Any,
-                                         parity_references: Any, parity_tokenizers: Any) -> None:
+def test_execution_switch_keeps_logprobs(pair: tuple[Cell, Cell, str], parity_session: Any,
+                                         request: pytest.FixtureRequest) -> None:
     import torch
-
-    from conformance.runner import ParityRunner, PromptSet
 
     base, other, switch = pair
     if "gpu" in (base.tier, other.tier) and not torch.cuda.is_available():
         pytest.skip(f"{switch} switch {base.id} vs {other.id} is a GPU pair (CUDA graphs, compile, runners and "
                     "attention backends are GPU execution modes); torch.cuda.is_available() is False")
-    path = parity_models(parity_config.model if base.model == "bundled" else base.model)
-    prompts = PromptSet.load(parity_config.prompts, parity_tokenizers(path))
+    prompts = parity_session.prompts(parity_session.model_path(base))
     # A prompt of ~2.5 CPU KV blocks (320 tokens) makes the prefix cache and a small step budget matter;
     # the batch is sent twice and the second pass compared (a cache hit where caching is on).
     long_prompt = tuple(t for i in (8, 9, 10) for t in prompts.ids[i][(0 if i == 8 else 1):])[:320]
     requests = [Request(long_prompt, SPEC)] + [Request(prompts.ids[i], SPEC) for i in (0, 2, 12)]
     results = []
     for cell in (base, other):
-        handle = EngineHandle(cell, path)
+        runner = parity_session.runner(cell)
         try:
-            runner = ParityRunner(handle, parity_references(path), prompts)
             runner.generate(requests)
             samples = runner.generate(requests)
-            assert_parity(runner.judge(requests, samples, "test_execution_switch_keeps_logprobs"))
+            assert_parity(runner.judge(requests, samples, request.node.nodeid))
             results.append(samples)
         finally:
-            handle.close()
+            runner.handle.close()
     tolerance = max(scaled_tolerance(c.tolerance, SPEC, c.logprobs_mode).max_abs for c in (base, other))
     for index, (a, b) in enumerate(zip(*results)):
         comparison = compare_samples(a, b, base.id, (base.id, other.id), tolerance, f"{switch} switch, prompt {index}")

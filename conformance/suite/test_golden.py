@@ -4,7 +4,7 @@ Per (model, cell, case) a golden file holds what one build returned for a fixed,
 (:data:`conformance.golden.GOLDEN_CASES`). This test replays each golden teacher-forced on the cell's
 engine (the session's engine: no extra start) and fails when the new build drifts beyond the golden's
 tolerance, or from the fp32 reference, or a greedy re-generation disagrees (see
-:mod:`conformance.golden_replay`). ``--parity-record-golden`` (re)writes the goldens first.
+:mod:`conformance.golden.replay`). ``--parity-record-golden`` (re)writes the goldens first.
 
 A cell with no golden skips with the expected file and the record command; a golden that is listed but
 missing, corrupt (hash mismatch) or incompatible (other model, dtype, mode) fails with one line naming it.
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from conformance.engines.base import EngineFailure
-from conformance.golden import (
+from conformance.golden.store import (
     FORMAT_VERSION,
     GOLDEN_CASES,
     GOLDEN_PROMPTS,
@@ -29,6 +29,7 @@ from conformance.golden import (
     model_hash,
 )
 from conformance.matrix import Cell
+from conformance.plugin.fixture import Parity
 from conformance.versions import environment_versions
 
 pytestmark = [pytest.mark.parity, pytest.mark.golden, pytest.mark.family("golden")]
@@ -63,22 +64,21 @@ def compatibility(cell: Cell, model_sha: str) -> dict[str, Any]:
 def test_golden(
     case_name: str,
     cell: Cell,
-    parity_runner: Any,
+    parity: Parity,
     parity_config: Any,
     parity_model_path: Path,
     golden_model_hashes: Any,
 ) -> None:
     """The cell's engine reproduces the golden case within its tolerance (teacher-forced replay)."""
-    from conformance.golden_replay import default_min_agreement, record_case, verify_case
+    from conformance.golden.replay import default_min_agreement, record_case, verify_case
 
     store = GoldenStore(parity_config.golden_dir)
     model = parity_model_path.name
     expect = compatibility(cell, golden_model_hashes(parity_model_path))
-    versions = environment_versions(parity_config.device)
-    test = f"test_golden[{cell.id}-{case_name}]"
+    versions = dict(parity.runner.recorder.versions) if parity.runner.recorder else environment_versions()
     try:
         if parity_config.record_golden:
-            recorded = record_case(parity_runner, GOLDEN_CASES[case_name], GOLDEN_PROMPTS)
+            recorded = record_case(parity.runner, GOLDEN_CASES[case_name], GOLDEN_PROMPTS)
             info = {
                 **expect,
                 "model": model,
@@ -95,7 +95,7 @@ def test_golden(
                 f"`{RECORD_COMMAND} --parity-cells {cell.id}`"
             )
         golden, entry = store.read(model, cell.id, case_name, expect)
-        verdict = verify_case(parity_runner, case_name, golden, entry, versions, test)
+        verdict = verify_case(parity.runner, case_name, golden, entry, versions, parity.test)
     except GoldenError as exc:
         pytest.fail(str(exc), pytrace=False)
     except EngineFailure as exc:

@@ -19,10 +19,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conformance.spec import SamplingSpec
 from conformance.engines.base import Request
 from conformance.matrix import Cell
-from conformance.runner import EngineHandle
+from conformance.spec import SamplingSpec
 
 pytestmark = [pytest.mark.parity, pytest.mark.family("precision")]
 
@@ -48,9 +47,12 @@ def _fp32_twins(cells: list[Cell], low: Cell) -> list[Cell]:
             and c.logprobs_mode == low.logprobs_mode and c.families is None][:1]
 
 
-def _raw_errors(cell: Cell, model_path: Any, reference: Any, prompts: Any, factory: Any = None) -> np.ndarray:
-    """|Δ| of raw next-token logprobs (prompt_logprobs) over the fixed sequences, for one cell's engine."""
-    handle = EngineHandle(cell, model_path) if factory is None else EngineHandle(cell, model_path, factory)
+def _raw_errors(cell: Cell, session: Any, handle: Any = None) -> np.ndarray:
+    """|Δ| of raw next-token logprobs (prompt_logprobs) over the fixed sequences, for one cell's engine
+    (a fresh one from ``session``, or ``handle``), closed afterwards."""
+    path = session.model_path(cell)
+    reference, prompts = session.reference(path), session.prompts(path)
+    handle = handle if handle is not None else session.handle(cell)
     try:
         sequences = [p for p in prompts.ids if len(p) > 8][:SEQUENCES]
         spec = SamplingSpec(temperature=0.0, max_tokens=1)
@@ -76,11 +78,10 @@ def sign_test_p(better: int, worse: int) -> float:
     return sum(math.comb(n, k) for k in range(better, n + 1)) / (1 << n)  # exact big-int division
 
 
-def compare_heads(low: Cell, head32: Cell, path: Any, reference: Any, prompts: Any,
-                  head32_factory: Any = None) -> tuple[str, bool]:
+def compare_heads(low: Cell, head32: Cell, session: Any, head32_handle: Any = None) -> tuple[str, bool]:
     """Score both cells on the same sequences; (summary line, whether the fp32 head is better at α)."""
-    e_low = _raw_errors(low, path, reference, prompts)
-    e_head = _raw_errors(head32, path, reference, prompts, head32_factory)
+    e_low = _raw_errors(low, session)
+    e_head = _raw_errors(head32, session, head32_handle)
     better = int((e_head < e_low).sum())
     worse = int((e_head > e_low).sum())
     p = sign_test_p(better, worse)
@@ -90,10 +91,7 @@ def compare_heads(low: Cell, head32: Cell, path: Any, reference: Any, prompts: A
     return line, p < ALPHA and e_head.mean() < e_low.mean()
 
 
-def test_fp32_head_reduces_mismatch(parity_config: Any, parity_models: Any, parity_references: Any,
-                                    parity_tokenizers: Any) -> None:
-    from conformance.runner import PromptSet
-
+def test_fp32_head_reduces_mismatch(parity_config: Any, parity_session: Any) -> None:
     pairs = _pairs(parity_config.selected_cells())
     if not pairs:
         pytest.skip("the selected matrix has no pair of cells that differ only in head_dtype=float32")
@@ -104,15 +102,12 @@ def test_fp32_head_reduces_mismatch(parity_config: Any, parity_models: Any, pari
     lines = []
     failures = []
     for low, head32 in pairs:
-        spec = parity_config.model if low.model == "bundled" else low.model
-        path = parity_models(spec)
-        prompts = PromptSet.load(parity_config.prompts, parity_tokenizers(path))
-        line, passed = compare_heads(low, head32, path, parity_references(path), prompts)
+        line, passed = compare_heads(low, head32, parity_session)
         lines.append(line)
         if not passed:
             failures.append(line)
         for exact in _fp32_twins(parity_config.selected_cells(), low):
-            errors = _raw_errors(exact, path, parity_references(path), prompts)
+            errors = _raw_errors(exact, parity_session)
             lines.append(f"{exact.id}: mean|Δ| {errors.mean():.2g} max {errors.max():.2g} (same tokens)")
     print("\n".join(lines))
     assert not failures, (

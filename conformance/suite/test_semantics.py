@@ -9,43 +9,26 @@ logits. A failure names the layer (semantic / inference-path / objective / engin
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import pytest
-from hypothesis import settings
 from hypothesis import strategies as st
 
-from conformance.checks import check_cases
 from conformance.parity import ParityReport
+from conformance.plugin.fixture import Parity
 from conformance.strategies import Case, cases, sampling_specs
 
 pytestmark = [pytest.mark.parity, pytest.mark.family("semantic")]
 
 
-def _focused(parity_settings: Any) -> Any:
-    """Focused properties re-check a corner the main property also draws: a fifth of its examples."""
-    return settings(parity_settings, max_examples=max(10, parity_settings.max_examples // 5))
-
-
-def test_logprobs_match_contract(parity_runner: Any, parity_vocab: Any, parity_settings: Any) -> None:
+def test_logprobs_match_contract(parity: Parity) -> None:
     """Every sampling parameter at once: values match the contract for the cell's mode."""
-    check_cases(
-        parity_runner,
-        cases(parity_vocab, len(parity_runner.prompts.ids)),
-        parity_settings,
-        "test_logprobs_match_contract",
-    )
+    parity.check(cases(parity.vocab, len(parity.prompts.ids)))
 
 
-def test_greedy_is_argmax_of_processed_logits(parity_runner: Any, parity_vocab: Any, parity_settings: Any) -> None:
+def test_greedy_is_argmax_of_processed_logits(parity: Parity) -> None:
     """temperature=0 with penalties, bias and masks: the chosen token is the processed argmax."""
-    specs = sampling_specs(parity_vocab, temperature=st.just(0.0))
-    check_cases(
-        parity_runner,
-        cases(parity_vocab, len(parity_runner.prompts.ids), specs=specs),
-        _focused(parity_settings),
-        "test_greedy_is_argmax_of_processed_logits",
-    )
+    specs = sampling_specs(parity.vocab, temperature=st.just(0.0))
+    parity.check(cases(parity.vocab, len(parity.prompts.ids), specs=specs), settings=parity.fewer(5, 10))
 
 
 def _only_allowed_tokens(case: Case, report: ParityReport) -> None:
@@ -55,18 +38,16 @@ def _only_allowed_tokens(case: Case, report: ParityReport) -> None:
     assert not outside, f"tokens outside allowed_token_ids were sampled: {outside[:10]} ({case.spec.describe()})"
 
 
-def test_masked_tokens_never_sampled(parity_runner: Any, parity_vocab: Any, parity_settings: Any) -> None:
+def test_masked_tokens_never_sampled(parity: Parity) -> None:
     """A small allowed set plus truncation: only allowed, surviving tokens are ever sampled."""
-    allowed = st.frozensets(st.integers(0, parity_vocab.size - 1), min_size=8, max_size=24)
+    allowed = st.frozensets(st.integers(0, parity.vocab.size - 1), min_size=8, max_size=24)
     specs = st.builds(
         lambda spec, ids: dataclasses.replace(spec, allowed_token_ids=tuple(sorted(ids))),
-        sampling_specs(parity_vocab),
+        sampling_specs(parity.vocab),
         allowed,
     )
-    check_cases(
-        parity_runner,
-        cases(parity_vocab, len(parity_runner.prompts.ids), specs=specs),
-        _focused(parity_settings),
-        "test_masked_tokens_never_sampled",
+    parity.check(
+        cases(parity.vocab, len(parity.prompts.ids), specs=specs),
+        settings=parity.fewer(5, 10),
         extra=_only_allowed_tokens,
     )

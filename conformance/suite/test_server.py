@@ -15,11 +15,10 @@ from typing import Any
 
 import pytest
 
-from conformance.checks import assert_parity, generate_or_report
-from conformance.spec import SamplingSpec
 from conformance.engines.base import Request
-from conformance.parity import scaled_tolerance
-from conformance.paths import compare_samples
+from conformance.path_comparison import compare_samples
+from conformance.plugin.fixture import Parity
+from conformance.spec import SamplingSpec
 
 pytestmark = [pytest.mark.parity, pytest.mark.family("server")]
 
@@ -31,23 +30,21 @@ SPECS = (
 PROMPTS = (0, 3, 7, 12)
 
 
-def test_server_agrees_with_offline(parity_runner: Any, parity_engine_factory: Any) -> None:
+def test_server_agrees_with_offline(parity: Parity, parity_session: Any) -> None:
     """Same cell, same requests: server and offline engine choose the same tokens with equal values."""
-    from conformance.runner import EngineHandle
-
-    cell = parity_runner.cell
+    cell = parity.cell
     if cell.engine != "vllm-server":
         pytest.skip(f"cell {cell.id} is not a server cell (engine = {cell.engine!r})")
     twin = dataclasses.replace(cell, engine="vllm", id=f"{cell.id}~offline")
-    offline = EngineHandle(twin, parity_runner.handle.model_path, parity_engine_factory)
+    offline = parity_session.handle(twin)
     try:
         for spec in SPECS:
-            requests = [Request(parity_runner.prompts.ids[i], spec, prompt_logprobs=3 if i == 0 else None) for i in PROMPTS]
+            requests = [Request(parity.prompts.ids[i], spec, prompt_logprobs=3 if i == 0 else None) for i in PROMPTS]
             repro = f"prompts={list(PROMPTS)} {spec.describe()} (prompt_logprobs=3 on the first)"
-            served = generate_or_report(parity_runner, requests, "test_server_agrees_with_offline", repro)
-            assert_parity(parity_runner.judge(requests, served, "test_server_agrees_with_offline"))
+            served = parity.generate_or_report(requests, repro)
+            parity.assert_passed(parity.judge(requests, served))
             local = offline.engine.generate(requests)
-            tolerance = scaled_tolerance(cell.tolerance, spec, cell.logprobs_mode).max_abs
+            tolerance = parity.max_abs(spec)
             names = (f"{cell.id} offline", f"{cell.id} server")
             for index, (a, b) in enumerate(zip(local, served, strict=True)):
                 comparison = compare_samples(a, b, cell.id, names, tolerance, f"{spec.describe()}, prompt {PROMPTS[index]}")

@@ -8,33 +8,29 @@ as the known finding ``vllm-cpu-seeded-split-prefill`` (xfail with the reproduci
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import pytest
 
-from conformance.checks import assert_parity, generate_or_report
+from conformance.engines.base import Request, SchedulerInfo
+from conformance.plugin.fixture import Parity
 from conformance.spec import SamplingSpec
-from conformance.engines.base import Request
 
 pytestmark = [pytest.mark.parity, pytest.mark.family("stress")]
 
 PROMPT_TOKENS = 40
 
 
-def _token_budget(runner: Any) -> int | None:
-    budget = getattr(runner.handle.engine, "scheduler_budget", None)
-    return budget() if callable(budget) else None
-
-
-def test_seeded_requests_with_split_prefill(parity_runner: Any) -> None:
+def test_seeded_requests_with_split_prefill(parity: Parity) -> None:
     """More seeded prompt tokens in flight than one engine step takes: the engine must not die, and the
     logprobs must still match the contract."""
-    budget = _token_budget(parity_runner)
+    engine = parity.engine
+    budget = engine.scheduler_budget() if isinstance(engine, SchedulerInfo) else None
     if budget is None:
-        pytest.skip("the engine does not expose its per-step token budget (max_num_batched_tokens)")
+        pytest.skip(f"{engine.description} does not expose its per-step token budget (max_num_batched_tokens)")
     # Many short prompts (as an RL rollout batch): the step fills up and a later prompt's prefill is split.
-    longest = max(range(len(parity_runner.prompts.ids)), key=lambda i: len(parity_runner.prompts.ids[i]))
-    prompt = parity_runner.prompts.ids[longest][:PROMPT_TOKENS]
+    ids = parity.prompts.ids
+    longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+    prompt = ids[longest][:PROMPT_TOKENS]
     copies = math.ceil(2 * budget / len(prompt)) + 1
     requests = [
         Request(prompt, SamplingSpec(temperature=0.8, seed=seed, max_tokens=4, logprobs=1)) for seed in range(copies)
@@ -43,5 +39,5 @@ def test_seeded_requests_with_split_prefill(parity_runner: Any) -> None:
         f"{copies} requests of the first {len(prompt)} tokens of prompt #{longest}, seeds 0..{copies - 1}, "
         f"temperature=0.8, max_tokens=4, max_num_batched_tokens={budget}"
     )
-    samples = generate_or_report(parity_runner, requests, "test_seeded_requests_with_split_prefill", repro)
-    assert_parity(parity_runner.judge(requests, samples, "test_seeded_requests_with_split_prefill"))
+    samples = parity.generate_or_report(requests, repro)
+    parity.assert_passed(parity.judge(requests, samples))

@@ -12,26 +12,25 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
-from conformance.checks import engine_failure_message, known_finding_for
-from conformance.engines.base import EngineFailure
-from conformance.weights import (
+from conformance.engines.base import EngineFailure, PrefixCacheReset
+from conformance.judge import token_contexts
+from conformance.plugin.fixture import Parity
+from conformance.weights.paths import (
     UPDATE_PATHS,
     ProbeSet,
-    TrainerStandIn,
-    UpdateReport,
-    WeightSet,
     default_path,
     default_probes,
     head_dtype,
-    judge_update,
     path_unavailable,
     recommended_update,
     training_batch,
 )
+from conformance.weights.state import TrainerStandIn, WeightSet
+from conformance.weights.verdict import UpdateCheck, UpdateReport, judge_update
 
 pytestmark = [pytest.mark.parity, pytest.mark.family("weight-update")]
 
@@ -51,13 +50,13 @@ class UpdateKit:
 
 
 @pytest.fixture(scope="session")
-def update_kits(parity_config: Any) -> Any:
+def update_kits(parity_session: Any) -> Any:
     """``get(model_path, prompt_ids)`` -> the :class:`UpdateKit` of that model (built once per model)."""
     kits: dict[Path, UpdateKit] = {}
 
     def get(model_path: Path, prompt_ids: Any) -> UpdateKit:
         if model_path not in kits:
-            trainer = TrainerStandIn(model_path, device=parity_config.device)
+            trainer = TrainerStandIn(model_path, device=parity_session.device)
             w1 = trainer.step(training_batch(prompt_ids))
             kits[model_path] = UpdateKit(
                 trainer, trainer.w0, w1, trainer.reference(trainer.w0), trainer.reference(w1), default_probes(prompt_ids)
@@ -68,53 +67,50 @@ def update_kits(parity_config: Any) -> Any:
 
 
 @pytest.fixture
-def kit(update_kits: Any, parity_model_path: Path, parity_runner: Any) -> UpdateKit:
-    return update_kits(parity_model_path, parity_runner.prompts.ids)
+def kit(update_kits: Any, parity_model_path: Path, parity: Parity) -> UpdateKit:
+    return cast(UpdateKit, update_kits(parity_model_path, parity.prompts.ids))
 
 
-def _judge(runner: Any, kit: UpdateKit, samples: Any, new: WeightSet, ref_new: Any, path: str) -> UpdateReport:
-    engine = runner.handle.engine
-    contexts = [engine.token_context(r) for r in kit.probes.requests]
-    return judge_update(
-        kit.probes.requests, samples, contexts, kit.trainer, new, kit.w0, runner.cell.logprobs_mode,
-        runner.cell.tolerance, runner.cell.id, path, new_reference=ref_new, old_reference=kit.ref0, engine=engine,
-    )
+def _judge(parity: Parity, kit: UpdateKit, samples: Any, new: WeightSet, ref_new: Any, path: str) -> UpdateReport:
+    engine = parity.engine
+    cell = parity.cell
+    return judge_update(UpdateCheck(
+        kit.probes.requests, samples, token_contexts(engine, kit.probes.requests), kit.trainer, new, kit.w0,
+        cell.logprobs_mode, cell.tolerance, cell.id, path, new_reference=ref_new, old_reference=kit.ref0, engine=engine,
+    ))
 
 
-def _generate(runner: Any, kit: UpdateKit, test: str) -> Any:
-    try:
-        return runner.generate(list(kit.probes.requests))
-    except EngineFailure as exc:
-        record = runner.engine_failure("weight-update probes (3 greedy prompts, 16 tokens)", exc, test)
-        pytest.fail(engine_failure_message(record), pytrace=False)
+def _generate(parity: Parity, kit: UpdateKit) -> Any:
+    return parity.generate_or_report(list(kit.probes.requests), "weight-update probes (3 greedy prompts, 16 tokens)")
 
 
-def _push(runner: Any, path_name: str | None, weights: WeightSet, test: str) -> None:
+def _push(parity: Parity, path_name: str | None, weights: WeightSet) -> None:
     """The recommended update sequence (``path_name`` None: the engine's default path); an engine failure
     is a finding (xfail when known)."""
     try:
-        engine = runner.handle.engine
+        engine = parity.engine
         path = UPDATE_PATHS[path_name] if path_name else default_path(engine)
         path_name = path.name
         recommended_update(engine, path, weights)
     except EngineFailure as exc:
-        finding = known_finding_for(runner, exc)
-        repro = f"push {weights.label} ({len(weights.tensors)} tensors) via {path_name}"
-        record = runner.engine_failure(repro, exc, test, known=finding.id if finding else None)
-        if finding is not None:
-            pytest.xfail(f"known engine finding {finding.id}: {finding.summary}; reproduce: {repro}")
-        pytest.fail(engine_failure_message(record), pytrace=False)
+        parity.fail_engine(f"push {weights.label} ({len(weights.tensors)} tensors) via {path_name}", exc)
+
+
+def _reset(parity: Parity) -> None:
+    engine = parity.engine
+    if isinstance(engine, PrefixCacheReset):
+        engine.reset_prefix_cache()
 
 
 @pytest.fixture
-def restores_w0(parity_runner: Any, kit: UpdateKit) -> Iterator[None]:
+def restores_w0(parity: Parity, kit: UpdateKit) -> Iterator[None]:
     """After the test: W0 back in the engine and verified; the engine is restarted if that fails."""
     yield
-    handle = parity_runner.handle
+    handle = parity.runner.handle
     try:
         recommended_update(handle.engine, default_path(handle.engine), kit.w0)
-        samples = parity_runner.generate(list(kit.probes.requests))
-        report = _judge(parity_runner, kit, samples, kit.w0, kit.ref0, "restore W0")
+        samples = parity.generate(list(kit.probes.requests))
+        report = _judge(parity, kit, samples, kit.w0, kit.ref0, "restore W0")
         restored = report.to_new.passed
         detail = report.explain()
     except EngineFailure as exc:
@@ -125,45 +121,42 @@ def restores_w0(parity_runner: Any, kit: UpdateKit) -> Iterator[None]:
 
 
 @pytest.mark.parametrize("path_name", list(UPDATE_PATHS))
-def test_update_reaches_engine(
-    cell: Any, parity_runner: Any, kit: UpdateKit, restores_w0: None, path_name: str, request: pytest.FixtureRequest
-) -> None:
+def test_update_reaches_engine(parity: Parity, kit: UpdateKit, restores_w0: None, path_name: str) -> None:
     """Probes cached under W0, W1 pushed (then the prefix cache reset), probes again: W1 within tolerance,
     W0 measurably far."""
     path = UPDATE_PATHS[path_name]
-    reason = path_unavailable(path, parity_runner.handle.engine)
+    reason = path_unavailable(path, parity.engine)
     if reason:
         pytest.skip(reason)
-    test = request.node.nodeid
-    parity_runner.handle.engine.reset_prefix_cache()
-    _generate(parity_runner, kit, test)  # fills the prefix cache under W0
-    _push(parity_runner, path_name, kit.w1, test)
-    report = _judge(parity_runner, kit, _generate(parity_runner, kit, test), kit.w1, kit.ref1, path_name)
-    if parity_runner.recorder is not None:
-        parity_runner.recorder.add(test, report.to_new)
+    _reset(parity)
+    _generate(parity, kit)  # fills the prefix cache under W0
+    _push(parity, path_name, kit.w1)
+    report = _judge(parity, kit, _generate(parity, kit), kit.w1, kit.ref1, path_name)
+    if parity.runner.recorder is not None:
+        parity.runner.recorder.add(parity.test, report.to_new)
     assert report.passed, report.explain()
 
 
-def test_head_reflects_update(cell: Any, parity_runner: Any, kit: UpdateKit, restores_w0: None, request: pytest.FixtureRequest) -> None:
+def test_head_reflects_update(parity: Parity, kit: UpdateKit, restores_w0: None) -> None:
     """A cell with a configured head dtype keeps it across an update, and the head serves W1's lm_head:
     W1 with only lm_head at W0 is measurably far from what the engine returns."""
+    cell = parity.cell
     if cell.head_dtype is None:
         pytest.skip(f"cell {cell.id} configures no head_dtype (the lm_head follows dtype={cell.dtype})")
-    test = request.node.nodeid
     if "lm_head.weight" not in kit.w1.changed_from(kit.w0):
         pytest.skip("the model has no separate lm_head.weight (tied embeddings)")
-    before = head_dtype(parity_runner.handle.engine)
-    _push(parity_runner, None, kit.w1, test)
-    dtype = head_dtype(parity_runner.handle.engine)
+    before = head_dtype(parity.engine)
+    _push(parity, None, kit.w1)
+    dtype = head_dtype(parity.engine)
     assert before == dtype == cell.head_dtype, (
         f"cell {cell.id}: the lm_head projection runs in {before} before and {dtype} after the update; "
         f"configured {cell.head_dtype}"
     )
-    samples = _generate(parity_runner, kit, test)
-    report = _judge(parity_runner, kit, samples, kit.w1, kit.ref1, "default path")
+    samples = _generate(parity, kit)
+    report = _judge(parity, kit, samples, kit.w1, kit.ref1, "default path")
     assert report.passed, report.explain()
     stale_head = kit.w1.with_tensor_from(kit.w0, "lm_head.weight")
-    head_report = _judge(parity_runner, kit, samples, stale_head, kit.trainer.reference(stale_head), "default path")
+    head_report = _judge(parity, kit, samples, stale_head, kit.trainer.reference(stale_head), "default path")
     assert head_report.distance_new >= report.required_separation, (
         f"cell {cell.id}: after the update the engine is as close to W1-with-lm_head-at-W0 "
         f"(mean |Δ| {head_report.distance_new:.3g}) as required separation {report.required_separation:.3g}: "
@@ -171,20 +164,19 @@ def test_head_reflects_update(cell: Any, parity_runner: Any, kit: UpdateKit, res
     )
 
 
-def test_refits_stay_flat(cell: Any, parity_runner: Any, kit: UpdateKit, restores_w0: None, request: pytest.FixtureRequest) -> None:
+def test_refits_stay_flat(parity: Parity, kit: UpdateKit, restores_w0: None) -> None:
     """Pushing unchanged weights again and again (with the recommended reset) changes nothing: every refit
     passes against W0, returns the same tokens, and its values stay within the cell's tolerance of the first
     run's (max |Δ| and mean Δ), so nothing accumulates."""
-    test = request.node.nodeid
-    engine = parity_runner.handle.engine
-    engine.reset_prefix_cache()
-    first = _generate(parity_runner, kit, test)
+    cell = parity.cell
+    _reset(parity)
+    first = _generate(parity, kit)
     tol = cell.tolerance
     drift: list[tuple[float, float]] = []
     for refit in range(1, REFITS + 1):
-        _push(parity_runner, None, kit.w0, test)
-        samples = _generate(parity_runner, kit, test)
-        report = _judge(parity_runner, kit, samples, kit.w0, kit.ref0, "refit")
+        _push(parity, None, kit.w0)
+        samples = _generate(parity, kit)
+        report = _judge(parity, kit, samples, kit.w0, kit.ref0, "refit")
         assert report.to_new.passed, f"refit {refit}:\n" + report.to_new.explain()
         deltas: list[float] = []
         for a_group, b_group in zip(first, samples):

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from conformance.spec import SamplingSpec
-from conformance.engines.base import Engine, EngineFailure, Request
+from conformance.engines.base import Engine, EngineFailure, PrefixCacheReset, Request, WorkerRPC
 
 MODULES = re.compile(r"^model\.(embed_tokens|layers\.\d+\.(self_attn|mlp)|norm)$")
 """The modules compared, by their (shared) vLLM / HF name."""
@@ -128,18 +128,16 @@ class Divergence:
 def capture_engine(engine: Engine, prompt: Sequence[int]) -> dict[str, torch.Tensor] | None:
     """Each compared module's output in ``engine`` over ``prompt`` (``[len(prompt), hidden]``), or None
     when the engine cannot be hooked (no ``collective_rpc``) or nothing was captured."""
-    rpc = getattr(engine, "collective_rpc", None)
-    if rpc is None:
+    if not isinstance(engine, WorkerRPC):
         return None
     try:
-        if not rpc(_install)[0]:
+        if not engine.collective_rpc(_install)[0]:
             return None
-        reset = getattr(engine, "reset_prefix_cache", None)
-        if reset is not None:
-            reset()  # the whole prompt is computed, none of it read from the cache
+        if isinstance(engine, PrefixCacheReset):
+            engine.reset_prefix_cache()  # the whole prompt is computed, none of it read from the cache
         engine.generate([Request(tuple(prompt), SamplingSpec(temperature=0.0, max_tokens=1))])
     finally:
-        captured = rpc(_collect)[0]
+        captured = engine.collective_rpc(_collect)[0]
     return _over_prompt(captured, len(prompt)) or None
 
 

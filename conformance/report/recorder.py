@@ -49,5 +49,6 @@ class Recorder:
         if self.results_path is None:
             return
         record = {**record, "versions": self.versions, "pid": os.getpid()}
+        self.results_path.parent.mkdir(parents=True, exist_ok=True)
         with self.results_path.open("a") as fh:
             fh.write(json.dumps(record, default=str) + "\n")

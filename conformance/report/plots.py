@@ -5,7 +5,7 @@
 * :func:`error_by_position`: mean and max |Δ| per generated position, per cell;
 * :func:`trend`: max and mean |Δ| per cell across several runs (e.g. vLLM versions).
 
-Each function takes :class:`~conformance.results.Run` objects and writes one PNG, returning its path.
+Each function takes :class:`~conformance.report.results.Run` objects and writes one PNG, returning its path.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from conformance.results import Run, series_of
+from conformance.report.results import Run, series_of
 
 FLOOR = 1e-9
 """|Δ| below this (exact agreement) is drawn at this value on log axes."""

@@ -1,7 +1,7 @@
 """Reading ``--parity-results`` files: one JSON record per check (or engine failure) per line.
 
 :func:`load_run` parses one file into a :class:`Run`; bad input is a one-line :class:`ResultsError`
-naming the file and line. The report (:mod:`conformance.report_md`) and plots (:mod:`conformance.plots`)
+naming the file and line. The report (:mod:`conformance.report.markdown`) and plots (:mod:`conformance.report.plots`)
 read only these structures.
 """
 

@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from conformance.results import Run, finite, series_of
+from conformance.report.results import Run, finite, series_of
 
 
 def _g(value: Any, digits: int = 3) -> str:

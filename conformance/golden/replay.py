@@ -29,7 +29,7 @@ import torch
 from conformance import contract
 from conformance.spec import SamplingSpec
 from conformance.engines.base import EngineFailure, Request, Sample
-from conformance.golden import GOLDEN_PROMPT_TOKENS, GoldenCase, GoldenError
+from conformance.golden.store import GOLDEN_PROMPT_TOKENS, GoldenCase, GoldenError
 from conformance.parity import ParityReport, SequenceInput, check_parity, scaled_tolerance
 from conformance.runner import ParityRunner
 

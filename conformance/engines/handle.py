@@ -1,0 +1,70 @@
+"""The engine of one cell as the suite holds it: started on first use, restarted after it died, closed once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from conformance.engines.base import Engine, EngineFailure
+from conformance.engines.registry import EngineFactory, engine_factory
+
+if TYPE_CHECKING:
+    from conformance.matrix import Cell
+    from conformance.report.recorder import EngineFailureRecord
+
+
+class EngineHandle:
+    """The engine of ``cell`` on ``model_path``, built by ``factory`` (default: the registry's factory
+    for ``cell.engine``). A start failure is remembered and re-raised, never retried; an engine that
+    reports itself dead is closed and started again on next use."""
+
+    def __init__(self, cell: Cell, model_path: Path, factory: EngineFactory | None = None) -> None:
+        self.cell = cell
+        self.model_path = model_path
+        self.factory = factory if factory is not None else engine_factory(cell.engine)
+        self.failures: list[EngineFailureRecord] = []
+        self._engine: Engine | None = None
+        self._start_failure: EngineFailure | None = None
+
+    @property
+    def started(self) -> bool:
+        """Whether an engine is running now (no start is attempted)."""
+        return self._engine is not None
+
+    @property
+    def start_failure(self) -> EngineFailure | None:
+        """The failure of the start attempt, if the engine could not start."""
+        return self._start_failure
+
+    @property
+    def engine(self) -> Engine:
+        """The running engine, started on first use."""
+        if self._start_failure is not None:
+            raise self._start_failure
+        if self._engine is not None and getattr(self._engine, "dead", False):
+            self.close()
+        if self._engine is None:
+            try:
+                self._engine = self.factory(self.cell, self.model_path)
+            except EngineFailure as exc:
+                self._start_failure = exc
+                raise
+        return self._engine
+
+    def identity(self) -> tuple[str, str | None]:
+        """The engine's name and version (known findings are keyed by them), also when it could not start:
+        then from the factory's ``name`` and ``engine_version()`` (the cell's engine name and None when the
+        factory has neither)."""
+        if self._engine is not None:
+            return self._engine.name, self._engine.version
+        name = getattr(self.factory, "name", None)
+        version_of = getattr(self.factory, "engine_version", None)
+        return (
+            name if isinstance(name, str) else self.cell.engine,
+            version_of() if callable(version_of) else None,
+        )
+
+    def close(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()

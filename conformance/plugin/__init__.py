@@ -1,0 +1,220 @@
+"""The kit's pytest plugin: options, markers, fixtures and the per-cell summary.
+
+Loaded by the root ``conftest.py`` in a checkout and by the ``pytest11`` entry point when installed.
+Every option has an ini twin (``parity_model`` for ``--parity-model`` ...), so a project can pin them in
+``pyproject.toml``; all of them are validated at configure time (:mod:`conformance.plugin.options`).
+State lives on ``config.stash``; nothing is global. In a session with no engine-backed test the plugin
+only registers its markers and checks its options: no environment variable, autouse fixture, file or
+heavy import.
+
+Fixtures: ``parity`` (the per-test object, :class:`~conformance.plugin.fixture.Parity`), ``cell``
+(parametrised over the matrix's selected cells at session scope, so one engine lives at a time),
+``parity_runner`` (that cell's engine + reference + prompts), ``parity_session`` (the run's
+:class:`~conformance.session.ParitySession`), ``parity_config`` and ``parity_settings``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from conformance.matrix import FAMILIES, Cell
+from conformance.plugin.options import ParityConfig, add_options, check_models, resolve_config
+
+MARKERS = {
+    "parity": "conformance test against a real engine (starts engines; select with -m parity)",
+    "gpu": "needs a CUDA GPU; skipped with the reason elsewhere",
+    "selftest": "the kit's own fault-injection self-tests (start real engines)",
+    "family": "family(name): the test family; a cell's `families` key selects which families it runs",
+    "golden": "golden-tensor verification of the cell's engine (select with -m golden; record with --parity-record-golden)",
+}
+
+CONFIG_KEY = pytest.StashKey[ParityConfig]()
+RECORDER_KEY = pytest.StashKey[Any]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    add_options(parser)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from conformance.report.recorder import Recorder
+
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+    parity = resolve_config(config)
+    config.stash[CONFIG_KEY] = parity
+    # Versions (and the device, which needs torch) are filled in by the first engine-backed test; the
+    # results file is opened on the first record.
+    config.stash[RECORDER_KEY] = Recorder(results_path=parity.results)
+
+
+def family_of(node: pytest.Item | pytest.Function | Any) -> str | None:
+    """The test's ``family("...")`` name; a name that is not a known family is a usage error."""
+    marker = node.get_closest_marker("family")
+    if marker is None:
+        return None
+    name = marker.args[0] if marker.args else None
+    if name not in FAMILIES:
+        raise pytest.UsageError(
+            f"{getattr(node, 'nodeid', node)}: family({name!r}) is not a known family ({', '.join(FAMILIES)})"
+        )
+    return str(name)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    family = family_of(metafunc.definition)
+    if "cell" not in metafunc.fixturenames:
+        return
+    parity = metafunc.config.stash[CONFIG_KEY]
+    params = []
+    for cell in parity.selected_cells():
+        if cell.runs(family):
+            marks = [pytest.mark.gpu] if cell.tier == "gpu" else []
+            params.append(pytest.param(cell, id=cell.id, marks=marks))
+    if not params:
+        params = [pytest.param(None, id="no-cell", marks=pytest.mark.skip(reason="no cell of the matrix fits this test"))]
+    metafunc.parametrize("cell", params, indirect=True, scope="session")
+    if parity.repeat > 1:
+        # pytest-repeat's way: a non-autouse fixture added to the engine-backed tests only.
+        metafunc.fixturenames.append("parity_repeat")
+        metafunc.parametrize(
+            "parity_repeat", range(parity.repeat), ids=[f"rep{i}" for i in range(parity.repeat)], indirect=True
+        )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        family_of(item)
+    if any("cell" in getattr(item, "fixturenames", ()) for item in items):
+        check_models(config.stash[CONFIG_KEY])
+
+
+# -- fixtures -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def parity_repeat(request: pytest.FixtureRequest) -> int:
+    """Which repetition of ``--parity-repeat`` this is."""
+    return int(getattr(request, "param", 0))
+
+
+@pytest.fixture(scope="session")
+def parity_config(pytestconfig: pytest.Config) -> ParityConfig:
+    """The session's resolved ``--parity-*`` options."""
+    return pytestconfig.stash[CONFIG_KEY]
+
+
+@pytest.fixture(scope="session")
+def parity_session(pytestconfig: pytest.Config, parity_config: ParityConfig) -> Any:
+    """The run's :class:`~conformance.session.ParitySession` (models, references and prompts, loaded once)."""
+    from conformance.session import ParitySession
+    from conformance.versions import environment_versions
+
+    recorder = pytestconfig.stash[RECORDER_KEY]
+    cache_dir = parity_config.cache_dir
+    if cache_dir is None:
+        cache_dir = Path(pytestconfig.cache.mkdir("parity-models"))  # type: ignore[union-attr]
+    session = ParitySession(
+        model=parity_config.model,
+        prompts=parity_config.prompts,
+        device=parity_config.device,
+        cache_dir=cache_dir,
+        engine=parity_config.engine,
+        trainer=parity_config.trainer,
+        trainer_fn=parity_config.trainer_fn,
+        trainer_fn_name=parity_config.trainer_fn_name,
+        recorder=recorder,
+    )
+    if not recorder.versions:
+        recorder.versions.update(environment_versions(session.device))
+    return session
+
+
+@pytest.fixture(scope="session")
+def cell(request: pytest.FixtureRequest) -> Cell:
+    """The matrix cell under test (session scope: tests are grouped so one engine lives at a time)."""
+    value = cast(Cell, request.param)
+    if value.tier == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip(f"cell {value.id} is a GPU cell (tier 'gpu') and torch.cuda.is_available() is False")
+    return value
+
+
+@pytest.fixture(scope="session")
+def parity_model_path(cell: Cell, parity_session: Any) -> Path:
+    """The model directory of the current cell (``--parity-model`` unless the cell names its own)."""
+    from conformance.session import SessionError
+
+    try:
+        return cast(Path, parity_session.model_path(cell))
+    except SessionError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def parity_engine(cell: Cell, parity_session: Any, parity_model_path: Path) -> Iterator[Any]:
+    """The cell's :class:`~conformance.engines.handle.EngineHandle` (closed when the session moves on)."""
+    handle = parity_session.handle(cell)
+    yield handle
+    handle.close()
+
+
+@pytest.fixture(scope="session")
+def parity_runner(parity_engine: Any, parity_session: Any) -> Any:
+    """A :class:`~conformance.runner.ParityRunner` for the current cell."""
+    from conformance.session import SessionError
+
+    try:
+        return parity_session.runner(parity_engine.cell, parity_engine)
+    except SessionError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def parity_vocab(parity_session: Any, parity_model_path: Path) -> Any:
+    """The :class:`~conformance.strategies.Vocabulary` of the current cell's model."""
+    return parity_session.vocab(parity_model_path)
+
+
+@pytest.fixture(scope="session")
+def parity_settings(parity_config: ParityConfig) -> Any:
+    """Hypothesis settings of the selected profile (applied to the suite's tests only)."""
+    from hypothesis import Phase, settings
+
+    from conformance.plugin.profiles import register_profiles
+
+    register_profiles()
+    base = settings.get_profile(f"parity-{parity_config.profile}")
+    if parity_config.examples is not None:
+        base = settings(base, max_examples=parity_config.examples)
+    if not parity_config.shrink:
+        base = settings(base, phases=[p for p in base.phases if p is not Phase.shrink])
+    return base
+
+
+@pytest.fixture
+def parity(request: pytest.FixtureRequest, parity_runner: Any, parity_settings: Any, parity_vocab: Any) -> Any:
+    """This test's :class:`~conformance.plugin.fixture.Parity` in the current cell."""
+    from conformance.plugin.fixture import Parity
+
+    return Parity(parity_runner, parity_settings, parity_vocab, request.node.nodeid)
+
+
+# -- reporting ----------------------------------------------------------------------------------------
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    from conformance.report.cells import summary_table
+
+    recorder = config.stash.get(RECORDER_KEY, None)
+    if recorder is None or (not recorder.reports and not recorder.engine_failures):
+        return
+    terminalreporter.section("logprob parity: per-cell summary")
+    for line in summary_table(recorder).splitlines():
+        terminalreporter.write_line(line)

@@ -1,0 +1,213 @@
+"""The ``parity`` fixture: one object per test and cell, with one way to run, judge and assert.
+
+In the shape of pytest-regressions' fixtures: the suite's tests (and users' own) take ``parity`` and call
+
+* ``parity.check(strategy)``: a hypothesis property over :class:`~conformance.strategies.Case` s: every
+  drawn case must pass the contract; shrinking ends at the fewest non-default parameters that fail;
+* ``parity.given(**strategies)``: the same machinery for a property with its own arguments;
+* ``parity.generate(requests)`` / ``parity.judge(requests, samples)`` / ``parity.run(case)``;
+* ``parity.generate_or_report(requests, repro)``: an engine failure ends the test as a finding (xfail
+  naming a known finding, else a failure with the engine layer, the log tail and the reproduction);
+* ``parity.assert_passed(report)`` / ``parity.assert_paths(comparison)``: fail with the verdict's
+  ``explain()`` (helpers hide themselves from tracebacks).
+
+Test identity comes from ``request.node`` (the records name the test node; nothing is hand-typed) and
+every property gets its own hypothesis example-database key, ``nodeid`` (which includes the cell), so a
+failure saved in one test or cell is replayed there and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import pytest
+
+from conformance.engines.base import Engine, EngineFailure, Request, Sample
+from conformance.runner import describe_case
+
+if TYPE_CHECKING:
+    from hypothesis import strategies as st
+
+    from conformance.matrix import Cell
+    from conformance.parity import ParityReport, Target
+    from conformance.path_comparison import PathComparison
+    from conformance.report.recorder import EngineFailureRecord
+    from conformance.runner import ParityRunner
+    from conformance.session import PromptSet
+    from conformance.spec import SamplingSpec
+    from conformance.strategies import Case, Vocabulary
+
+MAX_KNOWN_FINDING_RESTARTS = 2
+"""A property restarts a crashed engine at most this often for *known* findings, then stops sending work."""
+
+
+def assert_parity(report: ParityReport) -> None:
+    """Fail the current test with the report's explanation unless it passed."""
+    __tracebackhide__ = True
+    assert report.passed, report.explain()
+
+
+def engine_failure_message(record: EngineFailureRecord) -> str:
+    text = (
+        f"ENGINE FAILURE [layer: engine] in cell {record.cell!r}: {record.reason}\n"
+        f"  reproducing params: {record.params}"
+    )
+    if record.log_tail:
+        text += "\n  engine log tail:\n" + "\n".join("    " + line for line in record.log_tail.splitlines())
+    return text
+
+
+def database_key(test: Callable[..., Any], key: str) -> Callable[..., Any]:
+    """Give a ``@given`` property its own hypothesis example-database key (hypothesis keys on the inner
+    function otherwise, which every property built by the same helper shares); returns ``test``."""
+    test.hypothesis.inner_test._hypothesis_internal_add_digest = key.encode()  # type: ignore[attr-defined]
+    return test
+
+
+def check_cases(
+    runner: ParityRunner,
+    cases: st.SearchStrategy[Case],
+    settings: Any,
+    test: str,
+    extra: Callable[[Case, ParityReport], None] | None = None,
+) -> None:
+    """Property: for every drawn case the engine agrees with the contract (and ``extra`` holds).
+
+    ``test`` names the check in the records and keys hypothesis' example database. An unknown engine
+    failure stops the property and fails the test as an engine finding; a known finding (see
+    :mod:`conformance.findings`) is recorded with its parameters, the engine restarted and the property
+    goes on (at most :data:`MAX_KNOWN_FINDING_RESTARTS` times).
+    """
+    __tracebackhide__ = True
+    from hypothesis import given, note
+
+    failures: list[EngineFailureRecord] = []
+    known: list[EngineFailureRecord] = []
+
+    @settings
+    @given(case=cases)
+    def property_(case: Case) -> None:
+        if failures or len(known) > MAX_KNOWN_FINDING_RESTARTS:
+            return
+        try:
+            report = runner.run(case, test)
+        except EngineFailure as exc:
+            record = runner.engine_failure(describe_case(case), exc, test)
+            (known if record.known else failures).append(record)
+            return
+        note(report.explain())
+        assert_parity(report)
+        if extra is not None:
+            extra(case, report)
+
+    database_key(property_, test)()
+    if failures:
+        pytest.fail(engine_failure_message(failures[0]), pytrace=False)
+
+
+class Parity:
+    """The ``parity`` fixture's object: a cell's runner bound to one test node."""
+
+    def __init__(self, runner: ParityRunner, settings: Any, vocab: Vocabulary, test: str) -> None:
+        self.runner = runner
+        self.settings = settings
+        """The hypothesis settings of the session's profile."""
+        self.vocab = vocab
+        self.test = test
+        """The test's identity in records and hypothesis' database: its node id (cell included)."""
+
+    # -- what the test works with ----------------------------------------------------------------------
+    @property
+    def cell(self) -> Cell:
+        return self.runner.cell
+
+    @property
+    def engine(self) -> Engine:
+        """The cell's running engine (started on first use)."""
+        return self.runner.engine
+
+    @property
+    def prompts(self) -> PromptSet:
+        return self.runner.prompts
+
+    @property
+    def target(self) -> Target:
+        return self.runner.target
+
+    def max_abs(self, spec: SamplingSpec, target: Target | None = None) -> float:
+        """The cell's max |Δ| bound for values computed under ``spec`` and read as ``target`` (default: the
+        cell's own logprobs mode, as in engine-versus-itself comparisons), scaled by 1/T below T = 1."""
+        from conformance.parity import scaled_tolerance
+
+        return scaled_tolerance(self.cell.tolerance, spec, target or self.cell.logprobs_mode).max_abs
+
+    def fewer(self, divisor: int, minimum: int) -> Any:
+        """The profile's settings with ``max_examples // divisor`` examples (at least ``minimum``): for
+        focused properties that re-check a corner the main property also draws."""
+        from hypothesis import settings
+
+        return settings(self.settings, max_examples=max(minimum, self.settings.max_examples // divisor))
+
+    # -- running and judging ---------------------------------------------------------------------------
+    def generate(self, requests: Sequence[Request]) -> list[list[Sample]]:
+        return self.runner.generate(requests)
+
+    def judge(self, requests: Sequence[Request], samples: Sequence[Sequence[Sample]]) -> ParityReport:
+        """The verdict on ``samples``, recorded under this test."""
+        return self.runner.judge(requests, samples, self.test)
+
+    def run(self, case: Case) -> ParityReport:
+        return self.runner.run(case, self.test)
+
+    def check(
+        self,
+        cases: st.SearchStrategy[Case],
+        *,
+        settings: Any = None,
+        extra: Callable[[Case, ParityReport], None] | None = None,
+    ) -> None:
+        """Every drawn case passes the contract (and ``extra``); see :func:`check_cases`."""
+        __tracebackhide__ = True
+        check_cases(self.runner, cases, settings if settings is not None else self.settings, self.test, extra)
+
+    def given(self, *, settings: Any = None, **strategies: Any) -> Callable[[Callable[..., None]], Callable[[], None]]:
+        """Decorate a property: hypothesis ``@given(**strategies)`` under the profile's (or ``settings``)
+        settings, keyed in the example database by this test node; call the result to run it."""
+        from hypothesis import given
+
+        chosen = settings if settings is not None else self.settings
+
+        def decorate(fn: Callable[..., None]) -> Callable[[], None]:
+            return database_key(chosen(given(**strategies)(fn)), self.test)
+
+        return decorate
+
+    def generate_or_report(self, requests: Sequence[Request], repro: str) -> list[list[Sample]]:
+        """Generate; an engine failure ends the test as a finding (see :meth:`fail_engine`)."""
+        __tracebackhide__ = True
+        try:
+            return self.runner.generate(requests)
+        except EngineFailure as exc:
+            self.fail_engine(repro, exc)
+
+    def fail_engine(self, repro: str, failure: EngineFailure) -> NoReturn:
+        """Record ``failure`` and end the test: ``xfail`` naming a known finding, else a failure with the
+        engine layer, the reason, the log tail and ``repro`` (how to reproduce it)."""
+        __tracebackhide__ = True
+        record = self.runner.engine_failure(repro, failure, self.test)
+        finding = self.runner.known_finding(failure) if record.known else None
+        if finding is not None:
+            pytest.xfail(f"known engine finding {finding.id}: {finding.summary}; reproduce: {repro}")
+        pytest.fail(engine_failure_message(record), pytrace=False)
+
+    # -- assertions ------------------------------------------------------------------------------------
+    @staticmethod
+    def assert_passed(report: ParityReport) -> None:
+        __tracebackhide__ = True
+        assert report.passed, report.explain()
+
+    @staticmethod
+    def assert_paths(comparison: PathComparison) -> None:
+        __tracebackhide__ = True
+        assert comparison.passed, comparison.explain()

@@ -1,0 +1,220 @@
+"""The ``--parity-*`` options (each with an ini twin) and their validation into a :class:`ParityConfig`.
+
+Every user input is checked here, at configure time, before any engine starts, and a bad one is a single
+``pytest.UsageError`` line naming the option: the matrix (keys, values, engine names, cell selection),
+the prompt file (readable JSON list of strings), the trainer semantics and head dtype, the profile, the
+``module:function`` options (imported now) and the booleans. Model specs are checked when an
+engine-backed test is collected (:func:`check_models`), so unrelated sessions never look at them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from conformance.bundled import CPU_MATRIX, DEFAULT_PROMPTS
+from conformance.matrix import Cell, MatrixError, load_matrix, select_cells
+from conformance.plugin.profiles import PROFILES
+from conformance.spec import TRAINER_SEMANTICS, TrainerSemantics
+
+OPTIONS: list[tuple[str, dict[str, Any]]] = [
+    ("model", {"default": "bundled", "help": "model: 'bundled', a variant name or a local HF model directory"}),
+    ("matrix", {"default": str(CPU_MATRIX), "help": "config matrix TOML file"}),
+    ("cells", {"default": "", "help": "comma-separated cell ids to run (default: all cells of the matrix)"}),
+    ("trainer", {"default": "", "help": "what the trainer computes: " + ", ".join(TRAINER_SEMANTICS) + " (default: each cell's own logprobs mode)"}),
+    ("trainer-head", {"default": "", "help": "dtype of your trainer's lm_head (float32, bfloat16, float16): flags one-sided precision"}),
+    ("profile", {"default": "ci", "help": "hypothesis profile: " + ", ".join(PROFILES)}),
+    ("examples", {"default": "", "help": "override the profile's examples per test"}),
+    ("shrink", {"default": "true", "help": "shrink failing examples to minimal parameters (false: report the first failure as drawn)"}),
+    ("prompts", {"default": str(DEFAULT_PROMPTS), "help": "JSON list of prompt texts"}),
+    ("engine", {"default": "", "help": "engine for every cell: a registered engine name or module:factory, factory(cell, model_path) -> Engine (default: each cell's `engine`)"}),
+    ("trainer-fn", {"default": "", "help": "module:function giving your trainer's logits, fn(sequences[, model_path]) -> [len(completion), vocab] fp32 per sequence; replaces the HF fp32 reference"}),
+    ("results", {"default": "", "help": "append one JSON record per check to this file"}),
+    ("device", {"default": "", "help": "reference device (default: cuda when available, else cpu)"}),
+    ("repeat", {"default": "1", "help": "run each parity test this many times in one session (fresh hypothesis data each time, engines started once): repeated clean runs for a false-positive rate"}),
+    ("cache-dir", {"default": "", "help": "where built model variants are cached (default: pytest's cache)"}),
+    ("golden-dir", {"default": "", "help": "golden tensor directory (default: <rootdir>/golden)"}),
+]
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+@dataclass
+class ParityConfig:
+    """The resolved ``--parity-*`` options of a session."""
+
+    model: str
+    matrix: Path
+    cells: list[str]
+    trainer: TrainerSemantics | None
+    trainer_head: str | None
+    profile: str
+    examples: int | None
+    repeat: int
+    shrink: bool
+    prompts: Path
+    results: Path | None
+    device: str
+    """``--parity-device`` as given ('' when not: the session picks cuda when available)."""
+    cache_dir: Path | None
+    """Where model variants are built (None: pytest's cache directory)."""
+    golden_dir: Path = Path("golden")
+    record_golden: bool = False
+    engine: Any = None
+    """``--parity-engine``: a registry name or a factory ``(cell, model_path) -> Engine``; None: each cell's."""
+    trainer_fn: Any = None
+    """``--parity-trainer-fn``'s function (see :mod:`conformance.trainer`); None: the HF fp32 reference."""
+    trainer_fn_name: str = ""
+    explicit: bool = False
+    """Whether any ``--parity-*`` option or ini key was given (the plugin stays inert otherwise)."""
+    _cells: list[Cell] | None = field(default=None, repr=False)
+
+    def selected_cells(self) -> list[Cell]:
+        if self._cells is None:
+            self._cells = select_cells(load_matrix(self.matrix), self.cells, str(self.matrix))
+        return self._cells
+
+
+def add_options(parser: pytest.Parser) -> None:
+    group = parser.getgroup("parity", "logprob-parity conformance kit")
+    for name, spec in OPTIONS:
+        ini = "parity_" + name.replace("-", "_")
+        group.addoption(f"--parity-{name}", dest=ini, default=None, help=spec["help"])
+        parser.addini(ini, spec["help"], default=spec["default"])
+    group.addoption(
+        "--parity-record-golden", dest="parity_record_golden", action="store_const", const="true", default=None,
+        help="(re)write the golden tensors of the selected cells, then verify against them",
+    )
+    parser.addini("parity_record_golden", "record golden tensors (true/false)", default="false")
+
+
+def _option(config: pytest.Config, name: str) -> tuple[str, bool]:
+    """The option's value and whether the user gave it (command line or ini)."""
+    ini = "parity_" + name.replace("-", "_")
+    value = config.getoption(ini)
+    if value is not None:
+        return str(value).strip(), True
+    given = ini in config.inicfg
+    return str(config.getini(ini)).strip(), given
+
+
+def _boolean(text: str, option: str) -> bool:
+    if text.lower() not in _BOOLEANS:
+        raise pytest.UsageError(f"{option} {text!r}: expected true or false")
+    return _BOOLEANS[text.lower()]
+
+
+def resolve_config(config: pytest.Config) -> ParityConfig:
+    """Read and validate every ``--parity-*`` option; one ``UsageError`` line for the first bad one."""
+    values: dict[str, str] = {}
+    explicit = False
+    for name in [n for n, _ in OPTIONS] + ["record-golden"]:
+        values[name], given = _option(config, name)
+        explicit = explicit or given
+    trainer = values["trainer"] or None
+    if trainer is not None and trainer not in TRAINER_SEMANTICS:
+        raise pytest.UsageError(f"--parity-trainer {trainer!r}: expected one of {', '.join(TRAINER_SEMANTICS)}")
+    trainer_head = values["trainer-head"] or None
+    if trainer_head is not None and trainer_head not in ("float32", "bfloat16", "float16"):
+        raise pytest.UsageError(f"--parity-trainer-head {trainer_head!r}: expected float32, bfloat16 or float16")
+    profile = values["profile"]
+    if profile not in PROFILES:
+        raise pytest.UsageError(f"--parity-profile {profile!r}: expected one of {', '.join(PROFILES)}")
+    repeat = values["repeat"]
+    if not repeat.isdigit() or int(repeat) < 1:
+        raise pytest.UsageError(f"--parity-repeat {repeat!r}: expected a positive integer")
+    examples = values["examples"]
+    if examples and not (examples.isdigit() and int(examples) > 0):
+        raise pytest.UsageError(f"--parity-examples {examples!r}: expected a positive integer")
+    cache = values["cache-dir"]
+    if cache:
+        cache_dir: Path | None = Path(cache)
+    elif getattr(config, "cache", None) is not None:
+        cache_dir = None  # pytest's cache, made when a session first needs it (plugin: parity_session)
+    else:
+        cache_dir = config.rootpath / ".parity-cache"
+    parity = ParityConfig(
+        engine=_engine(values["engine"]),
+        trainer_fn=_load(values["trainer-fn"], "--parity-trainer-fn"),
+        trainer_fn_name=values["trainer-fn"],
+        model=values["model"],
+        matrix=Path(values["matrix"]),
+        cells=[c.strip() for c in values["cells"].split(",") if c.strip()],
+        trainer=cast(TrainerSemantics | None, trainer),
+        trainer_head=trainer_head,
+        profile=profile,
+        examples=int(examples) if examples else None,
+        repeat=int(repeat),
+        shrink=_boolean(values["shrink"], "--parity-shrink"),
+        prompts=Path(values["prompts"]),
+        results=Path(values["results"]) if values["results"] else None,
+        device=values["device"],
+        cache_dir=cache_dir,
+        golden_dir=Path(values["golden-dir"]) if values["golden-dir"] else config.rootpath / "golden",
+        record_golden=_boolean(values["record-golden"], "parity_record_golden"),
+        explicit=explicit,
+    )
+    try:
+        parity.selected_cells()
+    except MatrixError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    from conformance.session import SessionError, read_prompt_texts
+
+    try:
+        read_prompt_texts(parity.prompts)
+    except SessionError as exc:
+        raise pytest.UsageError(f"--parity-prompts: {exc}") from None
+    return parity
+
+
+def _load(spec: str, option: str) -> Any:
+    """Import a ``module:attribute`` option (one-line usage error when it does not resolve)."""
+    from conformance.trainer import SpecError, load_object
+
+    if not spec:
+        return None
+    try:
+        return load_object(spec, option)
+    except SpecError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def _engine(spec: str) -> Any:
+    """``--parity-engine``: a registered engine name, or a ``module:factory`` imported now."""
+    from conformance.engines.registry import engine_names
+
+    if not spec:
+        return None
+    if ":" in spec:
+        return _load(spec, "--parity-engine")
+    if spec not in engine_names():
+        raise pytest.UsageError(
+            f"--parity-engine {spec!r}: not a registered engine ({', '.join(engine_names())}) and not module:factory"
+        )
+    return spec
+
+
+def check_model_spec(spec: str, where: str) -> None:
+    """Fail fast (without building variants) on a model spec that cannot resolve."""
+    from conformance.bundled import BUNDLED_MODEL
+    from conformance.models import VARIANT_RECIPES
+
+    if spec in VARIANT_RECIPES:
+        return
+    path = BUNDLED_MODEL if spec == "bundled" else Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        known = ", ".join(["bundled", *VARIANT_RECIPES])
+        raise pytest.UsageError(
+            f"{where}: model {spec!r} not found: {path} is not a directory with config.json "
+            f"(use {known} or a local HF model directory)"
+        )
+
+
+def check_models(parity: ParityConfig) -> None:
+    """One-line usage errors for model specs (only when an engine-backed test was collected)."""
+    check_model_spec(parity.model, "--parity-model")
+    for cell in parity.selected_cells():
+        if cell.model != "bundled":
+            check_model_spec(cell.model, f"{cell.source}: cell {cell.id!r}")

@@ -1,0 +1,187 @@
+"""One session builder: what a parity run shares across cells, built once and reused.
+
+matrix cell -> model directory -> tokenizer, fp32 reference (or the user's trainer function), prompt set,
+vocabulary -> engine handle (the registry's factory, or ``--parity-engine``'s) -> :class:`ParityRunner`.
+The pytest plugin, the kit's own tests and the benchmarks all build runners through
+:class:`ParitySession`, so the wiring exists once. Nothing heavy happens at construction: models,
+tokenizers and references load on first use and are cached per model directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from conformance.bundled import DEFAULT_PROMPTS
+from conformance.engines.handle import EngineHandle
+from conformance.engines.registry import EngineFactory, engine_factory
+
+if TYPE_CHECKING:
+    from conformance.matrix import Cell
+    from conformance.report.recorder import Recorder
+    from conformance.runner import ParityRunner
+    from conformance.spec import TrainerSemantics
+    from conformance.strategies import Vocabulary
+    from conformance.trainer import Reference, TrainerLogitsFn
+
+
+class SessionError(ValueError):
+    """A session input (model, prompt file, reference) cannot be used; the message is one line."""
+
+
+def read_prompt_texts(path: Path) -> tuple[str, ...]:
+    """The prompt texts of a ``--parity-prompts`` file (a non-empty JSON list of non-empty strings);
+    :class:`SessionError` naming the file otherwise. Needs no tokenizer: checked at configure time."""
+    if not path.is_file():
+        raise SessionError(f"prompt file not found: {path}")
+    try:
+        texts = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SessionError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+        raise SessionError(f"{path}: expected a non-empty JSON list of non-empty strings")
+    return tuple(texts)
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Prompt texts and their token ids (BOS first when the tokenizer has one)."""
+
+    texts: tuple[str, ...]
+    ids: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def load(cls, path: Path, tokenizer: Any) -> PromptSet:
+        texts = read_prompt_texts(path)
+        bos = getattr(tokenizer, "bos_token_id", None)
+        ids = []
+        for text in texts:
+            tokens = list(tokenizer.encode(text, add_special_tokens=False))
+            ids.append(tuple(([bos] if isinstance(bos, int) else []) + tokens))
+        return cls(texts, tuple(ids))
+
+
+class ParitySession:
+    """Models, tokenizers, references and prompts of a run, per model directory, and runners per cell.
+
+    * ``model``: ``--parity-model`` (``bundled``, a variant name or a model directory); a cell naming its
+      own model keeps it.
+    * ``engine``: overrides every cell's ``engine``: a registry name or a factory (None: the cell's).
+    * ``trainer`` / ``trainer_fn``: what the values are judged as, and the user's trainer logits function
+      as the reference (None: the fp32 HF model).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str = "bundled",
+        prompts: Path = DEFAULT_PROMPTS,
+        device: str = "",
+        cache_dir: Path | None = None,
+        engine: str | EngineFactory | None = None,
+        trainer: TrainerSemantics | None = None,
+        trainer_fn: TrainerLogitsFn | None = None,
+        trainer_fn_name: str = "",
+        recorder: Recorder | None = None,
+    ) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.model = model
+        self.prompts_path = prompts
+        self.cache_dir = cache_dir if cache_dir is not None else Path(".parity-cache")
+        self.engine = engine
+        self.trainer = trainer
+        self.trainer_fn = trainer_fn
+        self.trainer_fn_name = trainer_fn_name
+        self.recorder = recorder
+        self._device = device
+        self._paths: dict[str, Path] = {}
+        self._tokenizers: dict[Path, Any] = {}
+        self._references: dict[Path, Reference] = {}
+        self._prompts: dict[Path, PromptSet] = {}
+        self._vocabs: dict[Path, Vocabulary] = {}
+
+    @property
+    def device(self) -> str:
+        """The reference device: as given, else cuda when available, else cpu (torch imported on first use)."""
+        if not self._device:
+            import torch
+
+            self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        return self._device
+
+    def model_path(self, cell: Cell | None = None) -> Path:
+        """The model directory of ``cell`` (the session's model unless the cell names its own)."""
+        spec = self.model if cell is None or cell.model == "bundled" else cell.model
+        if spec not in self._paths:
+            from conformance.models import resolve_model
+
+            try:
+                self._paths[spec] = resolve_model(spec, self.cache_dir)
+            except ValueError as exc:
+                raise SessionError(str(exc)) from None
+        return self._paths[spec]
+
+    def tokenizer(self, path: Path) -> Any:
+        if path not in self._tokenizers:
+            from transformers import AutoTokenizer
+
+            self._tokenizers[path] = AutoTokenizer.from_pretrained(path)
+        return self._tokenizers[path]
+
+    def reference(self, path: Path) -> Reference:
+        """The fp32 HF model on ``path``, or the user's trainer function (probed once on first use)."""
+        if path not in self._references:
+            from conformance.reference import HFReference, ReferenceError
+            from conformance.trainer import TrainerFnError, TrainerFnReference
+
+            try:
+                if self.trainer_fn is not None:
+                    reference = TrainerFnReference(self.trainer_fn, path, self.trainer_fn_name)
+                    reference.probe()
+                    self._references[path] = reference
+                else:
+                    self._references[path] = HFReference(path, device=self.device)
+            except (ReferenceError, TrainerFnError) as exc:
+                raise SessionError(str(exc)) from None
+        return self._references[path]
+
+    def prompts(self, path: Path) -> PromptSet:
+        if path not in self._prompts:
+            self._prompts[path] = PromptSet.load(self.prompts_path, self.tokenizer(path))
+        return self._prompts[path]
+
+    def vocab(self, path: Path) -> Vocabulary:
+        """What the strategies need to know about the model's tokens."""
+        if path not in self._vocabs:
+            from conformance.strategies import vocabulary_from_tokenizer
+
+            self._vocabs[path] = vocabulary_from_tokenizer(self.tokenizer(path), self.reference(path).vocab_size)
+        return self._vocabs[path]
+
+    def factory(self, cell: Cell) -> EngineFactory:
+        """The engine factory for ``cell``: the session's override, else the registry's for ``cell.engine``."""
+        if self.engine is None:
+            return engine_factory(cell.engine)
+        return engine_factory(self.engine) if isinstance(self.engine, str) else self.engine
+
+    def handle(self, cell: Cell) -> EngineHandle:
+        """A new (not yet started) handle on ``cell``'s engine; the caller closes it."""
+        return EngineHandle(cell, self.model_path(cell), self.factory(cell))
+
+    def runner(self, cell: Cell, handle: EngineHandle | None = None) -> ParityRunner:
+        """A :class:`~conformance.runner.ParityRunner` for ``cell`` (on ``handle``, or a new one)."""
+        from conformance.runner import ParityRunner
+
+        path = self.model_path(cell)
+        tokenizer = self.tokenizer(path)
+        return ParityRunner(
+            handle if handle is not None else self.handle(cell),
+            self.reference(path),
+            self.prompts(path),
+            trainer=self.trainer,
+            recorder=self.recorder,
+            decode=lambda t: tokenizer.decode([t]),
+        )
