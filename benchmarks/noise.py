@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 HERE = Path(__file__).resolve().parent
 
@@ -33,12 +32,8 @@ def main() -> None:
     from conformance.engines.base import EngineFailure
     from conformance.matrix import load_matrix, select_cells
     from conformance.metrics import bias_excess
-    from conformance.models import resolve_model
-    from conformance.plugin import DEFAULT_PROMPTS
-    from conformance.reference import HFReference
-    from conformance.runner import EngineHandle, ParityRunner, PromptSet
-    from conformance.strategies import cases, vocabulary_from_tokenizer
-    from transformers import AutoTokenizer
+    from conformance.session import ParitySession
+    from conformance.strategies import cases
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--matrix", type=Path, default=HERE / "noise.toml")
@@ -50,19 +45,15 @@ def main() -> None:
     args = parser.parse_args()
 
     cells = select_cells(load_matrix(args.matrix), [c for c in args.cells.split(",") if c], str(args.matrix))
-    cache = Path(".parity-cache")
+    session = ParitySession(model=args.model)
     rows = []
     for cell in cells:
-        model = resolve_model(args.model if cell.model == "bundled" else cell.model, cache)
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        reference = HFReference(model, device="cuda" if torch.cuda.is_available() else "cpu")
-        prompts = PromptSet.load(DEFAULT_PROMPTS, tokenizer)
-        vocab = vocabulary_from_tokenizer(tokenizer, reference.vocab_size)
-        handle = EngineHandle(cell, model)
+        runner = session.runner(cell)
+        prompts, handle = runner.prompts, runner.handle
+        vocab = session.vocab(session.model_path(cell))
         t0 = time.perf_counter()
         _ = handle.engine
         start_s = time.perf_counter() - t0
-        runner = ParityRunner(handle, reference, prompts)
         per_check: list[dict[str, float]] = []
         failures: list[str] = []
 

@@ -38,30 +38,26 @@ TARGET = 0.95
 
 def _generate(cell: Any, requests_count: int, seed: int) -> tuple[Any, list[Any]]:
     """Start the cell's engine once; returns (spec, [SequenceInput]) with the reference logits attached."""
-    from transformers import AutoTokenizer
-
-    from conformance.spec import SamplingSpec
     from conformance.engines.base import Request
-    from conformance.models import BUNDLED_MODEL
     from conformance.parity import SequenceInput
-    from conformance.plugin import DEFAULT_PROMPTS
-    from conformance.reference import HFReference
-    from conformance.runner import EngineHandle, PromptSet
+    from conformance.session import ParitySession
+    from conformance.spec import SamplingSpec
 
-    tokenizer = AutoTokenizer.from_pretrained(BUNDLED_MODEL)
-    prompts = PromptSet.load(DEFAULT_PROMPTS, tokenizer)
+    session = ParitySession(device="cpu")
+    model = session.model_path(cell)
+    prompts = session.prompts(model)
     spec = SamplingSpec(temperature=1.0, max_tokens=24, logprobs=0)
     requests = [
         Request(prompts.ids[i % len(prompts.ids)], dataclasses.replace(spec, seed=seed + i))
         for i in range(requests_count)
     ]
-    handle = EngineHandle(cell, BUNDLED_MODEL)
+    handle = session.handle(cell)
     try:
         samples = handle.engine.generate(requests)
         contexts = [handle.engine.token_context(r) for r in requests]
     finally:
         handle.close()
-    reference = HFReference(BUNDLED_MODEL)
+    reference = session.reference(model)
     flat = [(group[0], ctx) for group, ctx in zip(samples, contexts)]
     logits = reference.raw_logits([(s.prompt_ids, s.output_ids) for s, _ in flat])
     return spec, [SequenceInput(s, lg, ctx) for (s, ctx), lg in zip(flat, logits)]
@@ -238,7 +234,7 @@ def main() -> None:
 
     from conformance import parity
     from conformance.matrix import load_matrix, select_cells
-    from conformance.plugin import DEFAULT_MATRIX
+    from conformance.bundled import CPU_MATRIX as DEFAULT_MATRIX
 
     torch.set_num_threads(1)
     # The verdict (passed) is decided before the alternatives are evaluated; they only name the layer.

@@ -22,17 +22,17 @@ from typing import Any
 
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
+    from conformance.bundled import CPU_MATRIX as DEFAULT_MATRIX
     from conformance.engines.base import EngineFailure
+    from conformance.engines.vllm_common import vllm_version
+    from conformance.judge import token_contexts
     from conformance.matrix import load_matrix, select_cells
-    from conformance.models import BUNDLED_MODEL
-    from conformance.plugin import DEFAULT_MATRIX, DEFAULT_PROMPTS
-    from conformance.runner import EngineHandle, PromptSet
-    from conformance.weights.update import (
-        UPDATE_PATHS, TrainerStandIn, default_probes, head_dtype, judge_update, path_unavailable,
-        recommended_update, training_batch,
+    from conformance.session import ParitySession
+    from conformance.weights.paths import (
+        UPDATE_PATHS, default_probes, head_dtype, path_unavailable, recommended_update, training_batch,
     )
+    from conformance.weights.state import TrainerStandIn
+    from conformance.weights.verdict import UpdateCheck, judge_update
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--cells", default="fp32-processed,bf16-processed,bf16-processed-head32,fp32-processed-nocache")
@@ -42,9 +42,10 @@ def main() -> None:
     parser.add_argument("--md", type=Path, default=None)
     args = parser.parse_args()
     cells = select_cells(load_matrix(args.matrix), args.cells.split(","), str(args.matrix))
-    tokenizer = AutoTokenizer.from_pretrained(BUNDLED_MODEL)
-    prompts = PromptSet.load(DEFAULT_PROMPTS, tokenizer)
-    trainer = TrainerStandIn(BUNDLED_MODEL, device=args.device)
+    session = ParitySession(device=args.device)
+    model = session.model_path()
+    prompts = session.prompts(model)
+    trainer = TrainerStandIn(model, device=args.device)
     w0 = trainer.w0
     w1 = trainer.step(training_batch(prompts.ids))
     ref0, ref1 = trainer.reference(w0), trainer.reference(w1)
@@ -52,14 +53,14 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
 
     for cell in cells:
-        handle = EngineHandle(cell, BUNDLED_MODEL)
+        handle = session.handle(cell)
         try:
             engine = handle.engine
         except EngineFailure as exc:
             rows.append({"cell": cell.id, "measure": "engine start", "error": exc.reason[:300]})
             print(rows[-1], flush=True)
             continue
-        contexts = [engine.token_context(r) for r in probes.requests]
+        contexts = token_contexts(engine, probes.requests)
 
         def measure(label: str, path_name: str, push: Any, reset: bool, new: Any, ref_new: Any = None) -> None:
             nonlocal engine
@@ -71,10 +72,10 @@ def main() -> None:
                 if reset:
                     engine.reset_prefix_cache()
                 samples = engine.generate(list(probes.requests))
-                report = judge_update(
+                report = judge_update(UpdateCheck(
                     probes.requests, samples, contexts, trainer, new, w0, cell.logprobs_mode, cell.tolerance,
                     cell.id, path_name, new_reference=ref_new, old_reference=ref0, engine=engine,
-                )
+                ))
                 row = {
                     "cell": cell.id, "measure": label, "path": path_name, "reset": reset,
                     "to_W1": report.distance_new, "to_W0": report.distance_old,
@@ -141,7 +142,6 @@ def main() -> None:
     text = "\n".join(table)
     print(text)
     if args.md:
-        from conformance.engines.vllm_offline import vllm_version
 
         header = HEADER.format(vllm=vllm_version(), device=args.device, matrix=args.matrix.name, cells=args.cells)
         args.md.write_text(header + "\n" + text + "\n")

@@ -1,7 +1,7 @@
 """Models the conformance kit runs on, with no download.
 
 * :data:`BUNDLED_MODEL` -- ``pystdlib-llama``, a ~4.2M-parameter Llama trained on
-  the Python standard library by ``fixtures/models/train_bundled.py`` and shipped
+  the Python standard library by ``scripts/train_bundled_model.py`` (in the repository, not the wheel) and shipped
   with the package (bf16 safetensors + its own byte-level BPE tokenizer).  Its
   next-token distributions are peaked like a real LM's.
 * :data:`VARIANT_RECIPES` -- tiny *random* models for architecture coverage (tied

@@ -195,11 +195,18 @@ def test_env_name_with_newline_stays_one_line(tmp_path: Path) -> None:
 
 
 def test_engine_kwargs_cannot_override_explicit_keys(tmp_path: Path) -> None:
+    """dtype / generation_config in engine_kwargs would desynchronise the tolerance class or let the model's
+    generation_config.json change sampling defaults: the matrix rejects them in one line naming both."""
     text = "[[cell]]\n" + GOOD_CELL + '[cell.engine_kwargs]\ndtype = "auto"\ngeneration_config = "auto"\n'
     path = _write(tmp_path, text)
-    try:
-        cells = load_matrix(path)
-    except MatrixError:
-        return  # rejecting the override is a fix too
-    kwargs = cells[0].engine_kwargs()
-    assert kwargs["dtype"] == "float32" and kwargs["generation_config"] == "vllm"
+    with pytest.raises(MatrixError) as info:
+        load_matrix(path)
+    message = str(info.value)
+    assert "engine_kwargs may not set dtype, generation_config" in message and "\n" not in message, message
+
+
+def test_unknown_engine_is_one_line(tmp_path: Path) -> None:
+    path = _write(tmp_path, "[[cell]]\n" + GOOD_CELL + 'engine = "sglang"\n')
+    with pytest.raises(MatrixError) as info:
+        load_matrix(path)
+    assert "engine = 'sglang' is not a registered engine (vllm, vllm-server" in str(info.value), str(info.value)

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from conformance.spec import SamplingSpec
-from conformance.versions import environment_versions  # noqa: F401 - re-exported for golden entries
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -284,8 +283,3 @@ class GoldenStore:
                     f"(re-record with `{RECORD_COMMAND}`)"
                 )
         return decode_case(data, str(path)), entry
-
-
-def total_bytes(root: Path) -> int:
-    """Size of every golden file and the manifest under ``root``."""
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())

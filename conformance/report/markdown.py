@@ -12,7 +12,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from conformance.report.results import Run, finite, series_of
+from conformance.report.cells import COLUMNS, cell_rows, series_of, table
+from conformance.report.results import Run, finite
 
 
 def _g(value: Any, digits: int = 3) -> str:
@@ -30,29 +31,6 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return lines
-
-
-def _cell_rows(run: Run) -> list[list[str]]:
-    by_cell: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for record in run.checks:
-        by_cell[(str(record.get("cell")), series_of(record))].append(record)  # type: ignore[index]
-    fails: dict[str, int] = defaultdict(int)
-    for failure in run.failures:
-        fails[str(failure.get("cell"))] += 1
-    rows = []
-    for (cell, series), records in by_cell.items():
-        deltas = [abs(d) for r in records for d in finite((r.get("tokens") or {}).get("delta", []))]
-        signed = [d for r in records for d in finite((r.get("tokens") or {}).get("delta", []))]
-        failed = sum(not r.get("passed", True) for r in records)
-        layers = sorted({str(r.get("layer")) for r in records if r.get("layer")})
-        rows.append((
-            -failed, cell, series,
-            [cell, series, str(len(records)), str(failed), ",".join(layers) or "-", str(len(deltas)),
-             _g(max(deltas)) if deltas else "-", _g(sum(deltas) / len(deltas)) if deltas else "-",
-             _g(sum(signed) / len(signed), 2) if signed else "-",
-             str(sum(int(r.get("boundary_tokens", 0)) for r in records)), str(fails.get(cell, 0))],
-        ))
-    return [r[-1] for r in sorted(rows, key=lambda r: r[:3])]
 
 
 def _failures(run: Run, limit: int = 20) -> list[str]:
@@ -151,10 +129,9 @@ def markdown_report(runs: list[Run], plots: list[Path], out: Path) -> str:
     if fail_lines:
         lines += ["## Failures", "", *fail_lines, ""]
     lines += ["## Per cell", ""]
-    lines += _table(
-        ["cell", "comparison", "checks", "failed", "layers", "tokens", "max abs Δ", "mean abs Δ", "mean Δ", "boundary", "engine fails"],
-        _cell_rows(latest),
-    )
+    rows = cell_rows(latest.checks, latest.failures, by_series=True)
+    rows.sort(key=lambda r: (-r["failed"], r["cell"], r["comparison"]))  # failing cells first
+    lines += table(rows, ("cell", "comparison", *COLUMNS[1:])).splitlines()
     golden = _golden_rows(latest)
     if golden:
         lines += ["", "## Golden drift (teacher-forced replay)", ""]

@@ -15,7 +15,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from conformance.report.results import Run, series_of
+from conformance.report.cells import series_of
+from conformance.report.results import Run
 
 FLOOR = 1e-9
 """|Δ| below this (exact agreement) is drawn at this value on log axes."""

@@ -35,15 +35,23 @@ class Recorder:
     reports: list[tuple[str, str, ParityReport]] = field(default_factory=list)
     engine_failures: list[EngineFailureRecord] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    """Every check as the JSON record the results file holds (the per-cell table reads these)."""
+    failure_records: list[dict[str, Any]] = field(default_factory=list)
+    """Every engine failure as its JSON record."""
 
     def add(self, test: str, report: ParityReport, extra: dict[str, Any] | None = None) -> None:
         """Keep ``report`` for the summary and write its record (plus ``extra`` keys) to the results file."""
         self.reports.append((test, report.cell, report))
-        self._write({"kind": "check", "test": test, **report.as_record(), **(extra or {})})
+        record = {"kind": "check", "test": test, **report.as_record(), **(extra or {})}
+        self.records.append(record)
+        self._write(record)
 
     def add_failure(self, test: str, failure: EngineFailureRecord) -> None:
         self.engine_failures.append(failure)
-        self._write({"kind": "engine-failure", "test": test, **failure.__dict__})
+        record = {"kind": "engine-failure", "test": test, **failure.__dict__}
+        self.failure_records.append(record)
+        self._write(record)
 
     def _write(self, record: dict[str, Any]) -> None:
         if self.results_path is None:

@@ -43,14 +43,6 @@ class Run:
         return sorted({str(r.get("cell")) for r in self.checks + self.failures})
 
 
-def series_of(record: dict[str, Any]) -> str:
-    """Which comparison a check record is: ``parity`` (engine vs reference), or a golden comparison."""
-    golden = record.get("golden")
-    if isinstance(golden, dict):
-        return "vs golden" if golden.get("compared") == "replay-vs-golden" else "replay vs reference"
-    return "parity"
-
-
 def load_run(path: Path) -> Run:
     """Parse a results file; blank lines are skipped, anything else must be a JSON object with ``kind``."""
     if not path.is_file():
