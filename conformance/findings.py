@@ -1,28 +1,52 @@
-"""Known engine findings: engine bugs the kit has met, recognised by their failure text and version.
+"""Known engine findings: engine bugs the kit has met, recognised by engine, version and symptom.
 
-An engine failure that matches a known finding is still a finding: it is reported with its reproducing
-parameters (summary table, ``--parity-results``), and the dedicated test that provokes it is marked
-``xfail`` with the finding's id and summary. It only stops an *unrelated* property from failing for a bug
-that is already on record. Entries live in ``fixtures/known_findings.toml``::
+Two kinds, in ``fixtures/known_findings.toml``:
 
-    [[finding]]
-    id = "vllm-cpu-seeded-split-prefill"
-    engine = "vllm"
-    versions = ">=0.32,<0.33"      # PEP 440 specifier of the engine version
-    match = "CPU Generator does not use offset"   # substring of the reason or log tail (or a list: any)
-    summary = "..."
+* ``crash`` (the default): an engine failure (crash, rejected request, a start that cannot succeed)
+  whose reason or log tail contains ``match``::
+
+      [[finding]]
+      id = "vllm-cpu-seeded-split-prefill"
+      engine = "vllm"
+      versions = ">=0.32,<0.33"      # PEP 440 specifier of the engine version
+      match = "CPU Generator does not use offset"   # substring of the reason or log tail (or a list: any)
+      summary = "..."
+
+* ``divergence``: logprobs that break the contract under a sampling-parameter condition, ``when``, a
+  small boolean expression over the request's :class:`~conformance.spec.SamplingSpec` fields (a set
+  field is true: ``allowed_token_ids``, ``bad_words``), ``tier`` (``cpu`` / ``gpu``) and ``rows`` (the
+  sequences of the check)::
+
+      [[finding]]
+      id = "vllm-0.26-triton-topp-masked-rows"
+      kind = "divergence"
+      engine = "vllm"
+      versions = ">=0.26,<0.27"
+      when = "tier == 'gpu' and top_p < 1 and min_p > 0"
+      reproduction = "docs/findings/vllm-0.26-triton-topp-masked-rows.py"
+      summary = "..."
+
+A check a finding covers is still reported (summary table, ``--parity-results``, the failure text names
+the finding and its reproduction); the test is marked ``xfail`` with the finding's id instead of failing,
+and only for the checks the finding covers: any other failure in the same test fails it as usual.
 """
 
 from __future__ import annotations
 
+import ast
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from conformance.bundled import KNOWN_FINDINGS
+from conformance.spec import SamplingSpec
+
+KINDS = ("crash", "divergence")
 
 
 @dataclass(frozen=True)
@@ -30,31 +54,97 @@ class KnownFinding:
     id: str
     engine: str
     versions: str
-    match: str | list[str]
     summary: str
+    match: str | list[str] = ""
+    kind: str = "crash"
+    when: str = ""
+    reproduction: str = ""
+    """Path (in the repository) of the standalone reproduction script."""
 
-    def matches(self, engine: str, version: str | None, text: str) -> bool:
-        needles = [self.match] if isinstance(self.match, str) else list(self.match)
-        if engine != self.engine or not any(n in text for n in needles) or version is None:
+    def applies_to(self, engine: str, version: str | None) -> bool:
+        if engine != self.engine or version is None:
             return False
         try:
             return Version(version.split("+")[0]) in SpecifierSet(self.versions)
         except InvalidVersion:
             return False
 
+    def matches(self, engine: str, version: str | None, text: str) -> bool:
+        """A ``crash`` finding recognising an engine failure's text."""
+        needles = [self.match] if isinstance(self.match, str) else list(self.match)
+        return self.kind == "crash" and any(n and n in text for n in needles) and self.applies_to(engine, version)
+
+    def covers(self, engine: str, version: str | None, spec: SamplingSpec, tier: str, rows: int) -> bool:
+        """A ``divergence`` finding covering a check of ``spec`` over ``rows`` sequences in a ``tier`` cell."""
+        if self.kind != "divergence" or not self.applies_to(engine, version):
+            return False
+        names: dict[str, Any] = {f.name: getattr(spec, f.name) for f in fields(spec)}
+        names.update(tier=tier, rows=rows, greedy=spec.greedy)
+        return bool(evaluate(self.when, names))
+
+    @property
+    def explanation(self) -> str:
+        text = f"known engine finding {self.id}: {self.summary}"
+        return text + (f" (reproduction: {self.reproduction})" if self.reproduction else "")
+
+
+_NODES = (
+    ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.Compare, ast.Name, ast.Load,
+    ast.Constant, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.Eq, ast.NotEq, ast.In, ast.NotIn, ast.Tuple, ast.List,
+)
+
+
+def check_expression(text: str, where: str) -> None:
+    """``ValueError`` naming ``where`` unless ``text`` is a ``when`` expression the kit can evaluate."""
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError as exc:
+        raise ValueError(f"{where}: when = {text!r} is not an expression ({exc.msg})") from None
+    names = {f.name for f in fields(SamplingSpec)} | {"tier", "rows", "greedy"}
+    for node in ast.walk(tree):
+        if not isinstance(node, _NODES):
+            raise ValueError(f"{where}: when = {text!r} uses {type(node).__name__}, not allowed in a finding condition")
+        if isinstance(node, ast.Name) and node.id not in names:
+            raise ValueError(f"{where}: when = {text!r} names {node.id!r}, not a sampling field, tier, rows or greedy")
+
+
+def evaluate(text: str, names: Mapping[str, Any]) -> Any:
+    """Evaluate a checked ``when`` expression (comparisons, and/or/not, constants, the given names)."""
+    check_expression(text, "finding")
+    return eval(compile(ast.parse(text, mode="eval"), "<finding>", "eval"), {"__builtins__": {}}, dict(names))  # noqa: S307 - checked above
+
 
 def load_known_findings(path: Path = KNOWN_FINDINGS) -> list[KnownFinding]:
-    """The registry; a malformed file is a ``ValueError`` naming it."""
+    """The registry; a malformed file or entry is a ``ValueError`` naming it."""
     try:
         data = tomllib.loads(path.read_text())
-        return [KnownFinding(**entry) for entry in data.get("finding", [])]
+        findings = [KnownFinding(**entry) for entry in data.get("finding", [])]
     except (OSError, tomllib.TOMLDecodeError, TypeError) as exc:
         raise ValueError(f"{path}: cannot read known findings: {exc}") from None
+    for finding in findings:
+        where = f"{path}: finding {finding.id!r}"
+        if finding.kind not in KINDS:
+            raise ValueError(f"{where}: kind = {finding.kind!r} is not one of {', '.join(KINDS)}")
+        if finding.kind == "divergence":
+            check_expression(finding.when, where)
+        elif not finding.match:
+            raise ValueError(f"{where}: a crash finding needs match = the text that recognises it")
+    return findings
 
 
 def match_finding(engine: str, version: str | None, text: str, findings: list[KnownFinding] | None = None) -> KnownFinding | None:
-    """The known finding this failure text is, or None."""
+    """The known crash finding this failure text is, or None."""
     for finding in findings if findings is not None else load_known_findings():
         if finding.matches(engine, version, text):
+            return finding
+    return None
+
+
+def covering_finding(
+    engine: str, version: str | None, spec: SamplingSpec, tier: str, rows: int, findings: list[KnownFinding] | None = None
+) -> KnownFinding | None:
+    """The known divergence finding covering a failed check of ``spec``, or None."""
+    for finding in findings if findings is not None else load_known_findings():
+        if finding.covers(engine, version, spec, tier, rows):
             return finding
     return None

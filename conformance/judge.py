@@ -10,7 +10,9 @@ asks the reference for the fp32 raw logits at every generated position and hands
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from conformance.engines.base import Engine, Request, Sample
@@ -40,11 +42,14 @@ def judge_samples(
     trainer_declared: bool = False,
     decode: Callable[[int], str] | None = None,
     keep: Callable[[Sample], bool] | None = None,
+    seconds: dict[str, float] | None = None,
 ) -> ParityReport | None:
     """Judge ``samples`` (one group per request) against ``reference`` read as ``target``.
 
-    ``keep`` selects which samples count (e.g. only those served from the prefix cache); None when it
-    leaves none. Requests must share one spec (one verdict per spec): ``ValueError`` otherwise.
+    ``seconds`` (optional) accumulates the wall time of the ``reference`` forward and of the ``contract``
+    comparison. ``keep`` selects which samples count (e.g. only those served from the prefix cache); None when it
+    leaves none. Requests must share one spec up to the seed, which the contract does not read (one
+    verdict per spec): ``ValueError`` otherwise.
     """
     from conformance.parity import SequenceInput, check_parity
 
@@ -55,14 +60,16 @@ def judge_samples(
             f"judge_samples: {len(samples)} sample groups and {len(contexts)} contexts for {len(requests)} requests"
         )
     spec = requests[0].spec
-    if any(r.spec != spec for r in requests):
-        raise ValueError("judge_samples: all requests must share one SamplingSpec (judge once per spec)")
+    if any(replace(r.spec, seed=spec.seed) != spec for r in requests):
+        raise ValueError("judge_samples: all requests must share one SamplingSpec up to the seed (judge once per spec)")
     flat = [(s, c) for group, c in zip(samples, contexts) for s in group if keep is None or keep(s)]
     if not flat:
         return None
+    started = time.perf_counter()
     logits = reference.raw_logits([(s.prompt_ids, s.output_ids) for s, _ in flat])
+    referenced = time.perf_counter()
     inputs = [SequenceInput(s, lg, c) for (s, c), lg in zip(flat, logits)]
-    return check_parity(
+    report = check_parity(
         inputs,
         spec,
         target,
@@ -72,3 +79,7 @@ def judge_samples(
         trainer_declared=trainer_declared,
         decode=decode,
     )
+    if seconds is not None:
+        seconds["reference"] = seconds.get("reference", 0.0) + referenced - started
+        seconds["contract"] = seconds.get("contract", 0.0) + time.perf_counter() - referenced
+    return report

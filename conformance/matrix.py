@@ -41,7 +41,8 @@ class MatrixError(ValueError):
 
 @dataclass(frozen=True)
 class Cell:
-    """One engine configuration. ``engine_kwargs`` go to ``vllm.LLM``; ``env`` is set while it starts."""
+    """One engine configuration. ``engine_kwargs`` go to ``vllm.LLM``; ``env`` is set for the engine's
+    life (a value of '' unsets a variable, e.g. one the matrix's ``[defaults]`` set)."""
 
     id: str
     dtype: str
@@ -64,6 +65,9 @@ class Cell:
     attention_backend: str | None = None
     seed: int = 0
     start_timeout_s: float = 300.0
+    requires: tuple[str, ...] = ()
+    """Python modules the engine needs beyond vLLM (e.g. ``flashinfer``): without one the cell's tests skip
+    with the reason instead of failing at engine start (:meth:`missing_requirement`)."""
     families: tuple[str, ...] | None = None
     """Test families this cell runs (``semantic``, ``inference-path``, ``stress``, ...); None: all."""
     env: Mapping[str, str] = field(default_factory=dict)
@@ -79,6 +83,25 @@ class Cell:
         if self.families is None:
             return family not in OPT_IN_FAMILIES
         return family in self.families
+
+    def missing_requirement(self) -> str | None:
+        """Why this cell cannot run here (a GPU cell without CUDA is decided elsewhere), or None."""
+        import importlib.util
+
+        for module in self.requires:
+            if importlib.util.find_spec(module) is None:
+                return f"cell {self.id} needs the Python module {module!r}, which is not importable here"
+        return None
+
+    def engine_key(self) -> str:
+        """What configures the engine itself (adapter, model, tier, keyword arguments, environment): cells
+        with equal keys can share one running engine; id, purpose, families and tolerances do not count."""
+        import json
+
+        return json.dumps(
+            [self.engine, self.model, self.tier, self.engine_kwargs(), dict(sorted(self.env.items()))],
+            sort_keys=True, default=str,
+        )
 
     @property
     def precision(self) -> str:
@@ -153,6 +176,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "engine_kwargs": (dict,),
     "tolerance": (dict,),
     "families": (list,),
+    "requires": (list,),
 }
 FAMILIES = (
     "semantic", "inference-path", "chunked-prefill", "distribution", "precision", "execution-mode", "stress", "golden",
@@ -204,13 +228,17 @@ def _build_cell(raw: Mapping[str, Any], source: str, index: int) -> Cell:
         unknown = [f for f in families if f not in FAMILIES]
         if unknown or not families:
             raise MatrixError(f"{where}: families must be a non-empty list of {', '.join(FAMILIES)}, got {families!r}")
-    kwargs = {k: v for k, v in raw.items() if k not in ("env", "engine_kwargs", "tolerance", "families")}
+    requires = raw.get("requires", [])
+    if not all(isinstance(m, str) and m for m in requires):
+        raise MatrixError(f"{where}: requires must be a list of Python module names, got {requires!r}")
+    kwargs = {k: v for k, v in raw.items() if k not in ("env", "engine_kwargs", "tolerance", "families", "requires")}
     cell = Cell(
         **kwargs,
         env=dict(env),
         extra_engine_kwargs=dict(raw.get("engine_kwargs", {})),
         tolerance_overrides=dict(raw.get("tolerance", {})),
         families=tuple(families) if families is not None else None,
+        requires=tuple(requires),
         source=source,
     )
     try:

@@ -93,6 +93,14 @@ class ParityReport:
     alternatives: dict[str, float] = field(default_factory=dict)
     engine_description: str = ""
     decode: Callable[[int], str] | None = None
+    known: str | None = None
+    """Set on a failed check that a known divergence finding covers: the finding's explanation (its id,
+    summary and reproduction); the test is then xfailed for it instead of failed."""
+
+    @property
+    def unexplained(self) -> bool:
+        """Failed, and no known finding covers it."""
+        return not self.passed and self.known is None
 
     def worst(self, count: int = 5) -> list[TokenRow]:
         return sorted(self.rows, key=lambda r: -r.excess)[:count]
@@ -104,6 +112,7 @@ class ParityReport:
             "params": self.spec.to_kwargs(),
             "target": self.target,
             "passed": self.passed,
+            "known": self.known,
             "layer": self.layer,
             "reasons": self.reasons,
             "metrics": self.metrics.as_dict(),
@@ -135,6 +144,8 @@ class ParityReport:
             f"  params: {self.spec.describe()}",
             f"  compared against: {_TARGET_TEXT.get(self.target, self.target)}",
         ]
+        if self.known:
+            lines.append(f"  covered by a {self.known}")
         lines += [f"  why: {r}" for r in self.reasons]
         if self.alternatives:
             alts = ", ".join(f"{k}: {v:.3g}" for k, v in sorted(self.alternatives.items(), key=lambda kv: kv[1]))

@@ -8,12 +8,13 @@ with what reproduces them and whether they are a known finding (:mod:`conformanc
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from conformance.engines.base import Engine, EngineFailure, Request, Sample
 from conformance.engines.handle import EngineHandle
-from conformance.findings import KnownFinding, match_finding
+from conformance.findings import KnownFinding, covering_finding, match_finding
 from conformance.judge import judge_samples, token_contexts
 from conformance.report.recorder import EngineFailureRecord, Recorder
 from conformance.spec import TrainerSemantics
@@ -44,17 +45,29 @@ class ParityRunner:
         trainer: TrainerSemantics | None = None,
         recorder: Recorder | None = None,
         decode: Callable[[int], str] | None = None,
+        cell: Cell | None = None,
+        findings: list[KnownFinding] | None = None,
     ) -> None:
         self.handle = handle
+        self._cell = cell
+        self.findings = findings
+        """Known findings to recognise (None: the kit's own, ``fixtures/known_findings.toml``)."""
+        self.seconds: dict[str, float] = {"generate": 0.0, "reference": 0.0, "contract": 0.0}
+        """Wall time this runner spent in the engine (``generate``), the reference and the contract."""
         self.reference = reference
         self.prompts = prompts
         self.trainer = trainer
         self.recorder = recorder
         self.decode = decode
 
+    def timings(self) -> dict[str, float]:
+        """The running totals of :attr:`seconds` plus the engine's start time (``engine_start``)."""
+        return {**self.seconds, "engine_start": self.handle.start_seconds}
+
     @property
     def cell(self) -> Cell:
-        return self.handle.cell
+        """The cell judged (the handle's own unless given: a pooled engine may serve several cells)."""
+        return self._cell if self._cell is not None else self.handle.cell
 
     @property
     def engine(self) -> Engine:
@@ -71,7 +84,12 @@ class ParityRunner:
 
     def generate(self, requests: Sequence[Request]) -> list[list[Sample]]:
         """Engine samples for ``requests`` (raises :class:`EngineFailure`)."""
-        return self.engine.generate(requests)
+        engine = self.engine  # started (and timed as a start) before generation is timed
+        started = time.perf_counter()
+        try:
+            return engine.generate(requests)
+        finally:
+            self.seconds["generate"] += time.perf_counter() - started
 
     def judge(
         self, requests: Sequence[Request], samples: Sequence[Sequence[Sample]], test: str = "", reference: Reference | None = None
@@ -89,9 +107,15 @@ class ParityRunner:
             engine_description=engine.description,
             trainer_declared=self.trainer is not None,
             decode=self.decode,
+            seconds=self.seconds,
         )
         if report is None:
             raise ValueError(f"cell {self.cell.id}: the engine returned no samples to judge")
+        if not report.passed:
+            name, version = self.handle.identity()
+            rows = sum(len(group) for group in samples)
+            finding = covering_finding(name, version, report.spec, self.cell.tier, rows, self.findings)
+            report.known = finding.explanation if finding is not None else None
         if self.recorder is not None:
             self.recorder.add(test, report)
         return report
@@ -104,7 +128,7 @@ class ParityRunner:
     def known_finding(self, failure: EngineFailure) -> KnownFinding | None:
         """The known engine finding ``failure`` is, for this engine and version (None: a new failure)."""
         name, version = self.handle.identity()
-        return match_finding(name, version, f"{failure.reason}\n{failure.log_tail}")
+        return match_finding(name, version, f"{failure.reason}\n{failure.log_tail}", self.findings)
 
     def engine_failure(self, params: str, failure: EngineFailure, test: str = "") -> EngineFailureRecord:
         """Record an engine failure; ``params`` says what reproduces it (see :func:`describe_case`)."""

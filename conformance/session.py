@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ from conformance.engines.handle import EngineHandle
 from conformance.engines.registry import EngineFactory, engine_factory
 
 if TYPE_CHECKING:
+    from conformance.findings import KnownFinding
     from conformance.matrix import Cell
     from conformance.report.recorder import Recorder
     from conformance.runner import ParityRunner
@@ -64,6 +66,33 @@ class PromptSet:
         return cls(texts, tuple(ids))
 
 
+class EnginePool:
+    """Engines shared by the tests of a session, one per engine configuration (:meth:`Cell.engine_key`),
+    at most ``alive`` running at once (the least recently used one is stopped, and started again if it is
+    needed later). A configuration that could not start is remembered and not retried."""
+
+    def __init__(self, alive: int = 2) -> None:
+        self.alive = max(1, alive)
+        self._handles: dict[str, EngineHandle] = {}
+        self._order: list[str] = []
+
+    def get(self, key: str, make: Callable[[], EngineHandle]) -> EngineHandle:
+        """The pooled handle for ``key`` (made by ``make`` on first use); room is made for it to start."""
+        if key not in self._handles:
+            self._handles[key] = make()
+        if key in self._order:
+            self._order.remove(key)
+        self._order.append(key)
+        running = [k for k in self._order[:-1] if self._handles[k].started]
+        for stale in running[: max(0, len(running) - (self.alive - 1))]:
+            self._handles[stale].close()
+        return self._handles[key]
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+
+
 class ParitySession:
     """Models, tokenizers, references and prompts of a run, per model directory, and runners per cell.
 
@@ -86,8 +115,12 @@ class ParitySession:
         trainer_fn: TrainerLogitsFn | None = None,
         trainer_fn_name: str = "",
         recorder: Recorder | None = None,
+        engines_alive: int = 2,
+        findings: Path | None = None,
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.pool = EnginePool(engines_alive)
+        self.findings_path = findings
         self.model = model
         self.prompts_path = prompts
         self.cache_dir = cache_dir if cache_dir is not None else Path(".parity-cache")
@@ -168,20 +201,40 @@ class ParitySession:
         return engine_factory(self.engine) if isinstance(self.engine, str) else self.engine
 
     def handle(self, cell: Cell) -> EngineHandle:
-        """A new (not yet started) handle on ``cell``'s engine; the caller closes it."""
+        """A new (not yet started) handle on ``cell``'s engine that nobody else uses; the caller closes it."""
         return EngineHandle(cell, self.model_path(cell), self.factory(cell))
 
+    def shared_handle(self, cell: Cell) -> EngineHandle:
+        """The session's pooled handle for ``cell``'s engine configuration: a later cell (or test) with the
+        same configuration reuses the running engine instead of starting another. Closed by :meth:`close`."""
+        key = json.dumps([cell.engine_key(), str(self.model_path(cell)), repr(self.engine)])
+        return self.pool.get(key, lambda: self.handle(cell))
+
+    def close(self) -> None:
+        """Stop every pooled engine."""
+        self.pool.close()
+
     def runner(self, cell: Cell, handle: EngineHandle | None = None) -> ParityRunner:
-        """A :class:`~conformance.runner.ParityRunner` for ``cell`` (on ``handle``, or a new one)."""
+        """A :class:`~conformance.runner.ParityRunner` for ``cell`` (on ``handle``, else the pooled one)."""
         from conformance.runner import ParityRunner
 
         path = self.model_path(cell)
         tokenizer = self.tokenizer(path)
         return ParityRunner(
-            handle if handle is not None else self.handle(cell),
+            handle if handle is not None else self.shared_handle(cell),
             self.reference(path),
             self.prompts(path),
             trainer=self.trainer,
             recorder=self.recorder,
             decode=lambda t: tokenizer.decode([t]),
+            cell=cell,
+            findings=self.findings(),
         )
+
+    def findings(self) -> list[KnownFinding]:
+        """The known findings this session recognises (``findings`` given, else the kit's own)."""
+        if not hasattr(self, "_findings"):
+            from conformance.findings import load_known_findings
+
+            self._findings = load_known_findings(self.findings_path) if self.findings_path else load_known_findings()
+        return self._findings

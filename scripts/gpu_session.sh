@@ -1,22 +1,54 @@
 #!/usr/bin/env bash
-# Runs on a lent GPU machine after the offline vLLM bundle is installed (../shared/gpu/README.md):
-#   bash scripts/gpu_session.sh noise   -> $OUT/noise-gpu.json, $OUT/noise-gpu.log
-#   bash scripts/gpu_session.sh suite   -> $OUT/gpu.jsonl, $OUT/suite-gpu.log (pytest -m parity, GPU matrix)
+# Drives a lent GPU machine (the device tool) for the kit's GPU tier; see README "GPU tier". Steps:
+#   bash scripts/gpu_session.sh setup      # after .gpu/q00..q02 arrived in /tmp/parts: install the offline vLLM
+#                                          # 0.26.0 bundle into /tmp/site (+ FlashInfer wheels from .gpu/fi if carried)
+#   bash scripts/gpu_session.sh findings   # the standalone reproductions under docs/findings/ that need a GPU
+#   bash scripts/gpu_session.sh suite [pytest args]    # scripts/gpu_ci.sh, goldens recorded, everything tarred
+#   bash scripts/gpu_session.sh campaign [pytest args] # the same suite again (false-positive campaign, goldens verified)
+# Outputs go to $OUT (the device tool brings back at most 8 files: each step tars its folder).
 set -uo pipefail
-export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/device.txt" 2>&1
-python3 -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)" >> "$OUT/device.txt" 2>&1
-case "${1:-suite}" in
-  noise)
-    timeout ${BUDGET:-540} python3 benchmarks/noise.py --matrix conformance/fixtures/matrices/gpu.toml \
-      --checks ${CHECKS:-30} --json "$OUT/noise-gpu.json" 2>&1 | grep -v " INFO \| WARNING " > "$OUT/noise-gpu.log"
+step=${1:-suite}
+shift || true
+device() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)" 2>&1 | tail -1
+}
+case "$step" in
+  setup)
+    cd /tmp/parts && cat q00 q01 q02 > b.tar && rm -rf /tmp/b /tmp/site && mkdir -p /tmp/b /tmp/site && tar -xf b.tar -C /tmp/b
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/b/*.whl 2>&1 | grep -vi warn
+    tar -xJf /tmp/b/vllm-trim.tar.xz -C /tmp/site
+    cd - > /dev/null
+    if ls .gpu/fi/*.whl > /dev/null 2>&1; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/fi/*.whl 2>&1 | grep -vi warn
+      timeout 60 python3 -c "import flashinfer, flashinfer.sampling; print('flashinfer', flashinfer.__version__)" 2>&1 | tail -2
+    fi
+    device | tee "$OUT/device.txt"
     ;;
-  suite)
-    timeout ${BUDGET:-540} python3 -m pytest -p conformance.plugin conformance/suite -m parity \
-      --parity-matrix conformance/fixtures/matrices/gpu.toml --parity-profile dev --parity-shrink false \
-      --parity-results "$OUT/gpu.jsonl" -p no:cacheprovider -rxs ${PYTEST_ARGS:-} 2>&1 | grep -v " INFO \| WARNING " > "$OUT/suite-gpu.log"
+  findings)
+    device > "$OUT/device.txt"
+    for script in docs/findings/*.py; do
+      grep -q "cuda" "$script" || continue
+      name=$(basename "$script" .py)
+      timeout 240 python3 "$script" > "$OUT/$name.log" 2>&1
+      echo "== $name (exit $?)"; grep -v " INFO \| WARNING " "$OUT/$name.log" | tail -n 40
+    done
+    ;;
+  suite|campaign)
+    work=/tmp/work-$step
+    rm -rf "$work" && mkdir -p "$work"
+    device > "$work/device.txt"
+    extra=()
+    [ "$step" = suite ] && extra=(--parity-record-golden --parity-golden-dir "$work/golden")
+    [ "$step" = campaign ] && extra=(--parity-golden-dir golden)
+    PARITY_GPU_BUDGET_S=${PARITY_GPU_BUDGET_S:-560} bash scripts/gpu_ci.sh "$work" "${extra[@]}" "$@"
+    code=$?
+    tar -czf "$OUT/$step.tar.gz" -C "$work" .
+    ls -la "$OUT"
+    exit $code
     ;;
 esac
-tail -40 "$OUT"/*.log

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Weight-update tier on a lent GPU (after scripts/gpu_setup3.sh): the probe on the fp32, bf16 and IPC
+# Weight-update tier on a lent GPU (after scripts/gpu_session.sh setup): the probe on the fp32, bf16 and IPC
 # weight-transfer GPU cells, then the suite's weight-update family on the fp32-head and IPC cells. Writes under $OUT.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1

@@ -27,7 +27,7 @@ class ReferenceEngine:
     """Samples each request token by token from the contract's processed distribution of the fp32 model."""
 
     name = NAME
-    version = "0.0-test"
+    version = "0.0.1"
 
     def __init__(self, cell: Cell, model_path: Path) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -105,7 +105,10 @@ def test_precision_family_catches_an_ignored_head_dtype(cpu_cells: Any, kit_sess
 
     low, head32 = cpu_cells["bf16-processed"], cpu_cells["bf16-processed-head32"]
     ignored = EngineHandle(head32, kit_session.model_path(), factory=lambda cell, path: kit_session.factory(low)(low, path))
-    line, passed = compare_heads(low, head32, kit_session, ignored)
+    try:
+        line, passed = compare_heads(low, head32, kit_session, ignored)
+    finally:
+        ignored.close()
     assert not passed and "closer on 0, farther on 0" in line, line
 
 

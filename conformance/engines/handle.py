@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,8 @@ class EngineHandle:
         self.failures: list[EngineFailureRecord] = []
         self._engine: Engine | None = None
         self._start_failure: EngineFailure | None = None
+        self.start_seconds = 0.0
+        """Wall time spent starting this handle's engines (every start and restart, failed ones included)."""
 
     @property
     def started(self) -> bool:
@@ -44,11 +47,14 @@ class EngineHandle:
         if self._engine is not None and getattr(self._engine, "dead", False):
             self.close()
         if self._engine is None:
+            started = time.perf_counter()
             try:
                 self._engine = self.factory(self.cell, self.model_path)
             except EngineFailure as exc:
                 self._start_failure = exc
                 raise
+            finally:
+                self.start_seconds += time.perf_counter() - started
         return self._engine
 
     def identity(self) -> tuple[str, str | None]:

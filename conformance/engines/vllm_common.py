@@ -35,7 +35,7 @@ def vllm_version() -> str | None:
 
 def cell_env(cell: Cell) -> dict[str, str]:
     """The environment an engine of ``cell`` runs with on top of the caller's: the kit's base, the CPU
-    tier's KV-cache size, then the cell's own ``env``."""
+    tier's KV-cache size, then the cell's own ``env`` (a value of '' means: unset that variable)."""
     env = dict(BASE_ENV)
     if cell.tier == "cpu":
         env.update(CPU_ENV)

@@ -24,16 +24,21 @@ from conformance.matrix import Cell
 
 @contextlib.contextmanager
 def _environment(overlay: Mapping[str, str]) -> Iterator[None]:
+    """Set ``overlay`` in ``os.environ`` (a value of '' unsets the variable), restoring it afterwards."""
     saved = {k: os.environ.get(k) for k in overlay}
-    os.environ.update(overlay)
+    for key, value in overlay.items():
+        if value == "":
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     try:
         yield
     finally:
-        for key, value in saved.items():
-            if value is None:
+        for key, old in saved.items():
+            if old is None:
                 os.environ.pop(key, None)
             else:
-                os.environ[key] = value
+                os.environ[key] = old
 
 
 @contextlib.contextmanager

@@ -128,7 +128,7 @@ class VllmServerEngine:
             return
         if port is not None and port_in_use(host, port):
             raise EngineFailure(f"cell {cell.id}: cannot start vllm serve: port {host}:{port} is already in use")
-        env = {**os.environ, **cell_env(cell), **DEV_ENV}
+        env = {k: v for k, v in {**os.environ, **cell_env(cell), **DEV_ENV}.items() if v != ""}
         self.server = ManagedServer(self.command, env, self.log_path)
         for attempt in range(3):
             chosen = port if port is not None else free_port(host)

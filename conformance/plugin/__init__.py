@@ -48,8 +48,26 @@ def pytest_configure(config: pytest.Config) -> None:
     parity = resolve_config(config)
     config.stash[CONFIG_KEY] = parity
     # Versions (and the device, which needs torch) are filled in by the first engine-backed test; the
-    # results file is opened on the first record.
-    config.stash[RECORDER_KEY] = Recorder(results_path=parity.results)
+    # results file is opened on the first record. A pytest-xdist worker writes nothing itself: it hands
+    # its records to the controller (pytest_testnodedown), which writes the file and prints the table.
+    worker = hasattr(config, "workerinput")
+    config.stash[RECORDER_KEY] = Recorder(results_path=None if worker else parity.results)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    recorder = config.stash.get(RECORDER_KEY, None)
+    if hasattr(config, "workeroutput") and recorder is not None:
+        config.workeroutput["parity"] = recorder.payload()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist: a worker finished; its parity records join the controller's."""
+    payload = getattr(node, "workeroutput", {}).get("parity")
+    recorder = node.config.stash.get(RECORDER_KEY, None)
+    if payload and recorder is not None:
+        recorder.merge(payload)
 
 
 def family_of(node: pytest.Item | pytest.Function | Any) -> str | None:
@@ -91,6 +109,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         family_of(item)
     if any("cell" in getattr(item, "fixturenames", ()) for item in items):
         check_models(config.stash[CONFIG_KEY])
+    if config.pluginmanager.hasplugin("xdist"):
+        for item in items:
+            group = engine_group(item)
+            if group is not None:
+                item.add_marker(pytest.mark.xdist_group(group))
+
+
+def engine_group(item: pytest.Item) -> str | None:
+    """The xdist group of a test: the cell whose engine it uses (``--dist loadgroup`` then runs each cell's
+    tests in one worker, so an engine starts once and workers run different cells side by side); a test of
+    a cell pair goes with the second cell of the pair."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    cell = params.get("cell")
+    if isinstance(cell, Cell):
+        return cell.id
+    pair = params.get("pair")
+    if isinstance(pair, tuple) and len(pair) > 1 and isinstance(pair[1], Cell):
+        return pair[1].id
+    return None
 
 
 # -- fixtures -----------------------------------------------------------------------------------------
@@ -109,7 +146,7 @@ def parity_config(pytestconfig: pytest.Config) -> ParityConfig:
 
 
 @pytest.fixture(scope="session")
-def parity_session(pytestconfig: pytest.Config, parity_config: ParityConfig) -> Any:
+def parity_session(pytestconfig: pytest.Config, parity_config: ParityConfig) -> Iterator[Any]:
     """The run's :class:`~conformance.session.ParitySession` (models, references and prompts, loaded once)."""
     from conformance.session import ParitySession
     from conformance.versions import environment_versions
@@ -128,22 +165,33 @@ def parity_session(pytestconfig: pytest.Config, parity_config: ParityConfig) -> 
         trainer_fn=parity_config.trainer_fn,
         trainer_fn_name=parity_config.trainer_fn_name,
         recorder=recorder,
+        engines_alive=parity_config.engines_alive,
+        findings=parity_config.findings,
     )
     if not recorder.versions:
         recorder.versions.update(environment_versions(session.device))
-    return session
+    yield session
+    session.close()
 
 
 @pytest.fixture(scope="session")
 def cell(request: pytest.FixtureRequest) -> Cell:
     """The matrix cell under test (session scope: tests are grouped so one engine lives at a time)."""
     value = cast(Cell, request.param)
-    if value.tier == "gpu":
+    skip_unless_runnable(value)
+    return value
+
+
+def skip_unless_runnable(cell: Cell) -> None:
+    """Skip (with the reason) a GPU cell without CUDA, or a cell whose required modules are missing."""
+    if cell.tier == "gpu":
         import torch
 
         if not torch.cuda.is_available():
-            pytest.skip(f"cell {value.id} is a GPU cell (tier 'gpu') and torch.cuda.is_available() is False")
-    return value
+            pytest.skip(f"cell {cell.id} is a GPU cell (tier 'gpu') and torch.cuda.is_available() is False")
+    missing = cell.missing_requirement()
+    if missing:
+        pytest.skip(missing)
 
 
 @pytest.fixture(scope="session")
@@ -158,11 +206,10 @@ def parity_model_path(cell: Cell, parity_session: Any) -> Path:
 
 
 @pytest.fixture(scope="session")
-def parity_engine(cell: Cell, parity_session: Any, parity_model_path: Path) -> Iterator[Any]:
-    """The cell's :class:`~conformance.engines.handle.EngineHandle` (closed when the session moves on)."""
-    handle = parity_session.handle(cell)
-    yield handle
-    handle.close()
+def parity_engine(cell: Cell, parity_session: Any, parity_model_path: Path) -> Any:
+    """The cell's :class:`~conformance.engines.handle.EngineHandle`, from the session's pool: an engine
+    configuration starts once per session (a few stay alive; the least recently used one is stopped)."""
+    return parity_session.shared_handle(cell)
 
 
 @pytest.fixture(scope="session")
@@ -199,11 +246,19 @@ def parity_settings(parity_config: ParityConfig) -> Any:
 
 
 @pytest.fixture
-def parity(request: pytest.FixtureRequest, parity_runner: Any, parity_settings: Any, parity_vocab: Any) -> Any:
-    """This test's :class:`~conformance.plugin.fixture.Parity` in the current cell."""
+def parity(request: pytest.FixtureRequest, parity_runner: Any, parity_settings: Any, parity_vocab: Any) -> Iterator[Any]:
+    """This test's :class:`~conformance.plugin.fixture.Parity` in the current cell; where the test's time
+    went (engine start, generation, reference, contract) is recorded when it ends."""
+    import time
+
     from conformance.plugin.fixture import Parity
 
-    return Parity(parity_runner, parity_settings, parity_vocab, request.node.nodeid)
+    before, started = parity_runner.timings(), time.perf_counter()
+    yield Parity(parity_runner, parity_settings, parity_vocab, request.node.nodeid)
+    after = parity_runner.timings()
+    if parity_runner.recorder is not None:
+        spent = {k: after[k] - before[k] for k in after}
+        parity_runner.recorder.add_timing(request.node.nodeid, parity_runner.cell.id, {"wall": time.perf_counter() - started, **spent})
 
 
 # -- reporting ----------------------------------------------------------------------------------------

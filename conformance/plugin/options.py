@@ -37,6 +37,8 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("repeat", {"default": "1", "help": "run each parity test this many times in one session (fresh hypothesis data each time, engines started once): repeated clean runs for a false-positive rate"}),
     ("cache-dir", {"default": "", "help": "where built model variants are cached (default: pytest's cache)"}),
     ("golden-dir", {"default": "", "help": "golden tensor directory (default: <rootdir>/golden)"}),
+    ("findings", {"default": "", "help": "known-findings TOML file (default: the kit's own fixtures/known_findings.toml)"}),
+    ("engines-alive", {"default": "2", "help": "engines kept running at once per session (one per engine configuration; the least recently used one is stopped)"}),
 ]
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -67,6 +69,9 @@ class ParityConfig:
     trainer_fn: Any = None
     """``--parity-trainer-fn``'s function (see :mod:`conformance.trainer`); None: the HF fp32 reference."""
     trainer_fn_name: str = ""
+    findings: Path | None = None
+    """``--parity-findings`` (None: the kit's own known findings)."""
+    engines_alive: int = 2
     explicit: bool = False
     """Whether any ``--parity-*`` option or ini key was given (the plugin stays inert otherwise)."""
     _cells: list[Cell] | None = field(default=None, repr=False)
@@ -125,6 +130,9 @@ def resolve_config(config: pytest.Config) -> ParityConfig:
     repeat = values["repeat"]
     if not repeat.isdigit() or int(repeat) < 1:
         raise pytest.UsageError(f"--parity-repeat {repeat!r}: expected a positive integer")
+    alive = values["engines-alive"]
+    if not alive.isdigit() or int(alive) < 1:
+        raise pytest.UsageError(f"--parity-engines-alive {alive!r}: expected a positive integer")
     examples = values["examples"]
     if examples and not (examples.isdigit() and int(examples) > 0):
         raise pytest.UsageError(f"--parity-examples {examples!r}: expected a positive integer")
@@ -155,12 +163,20 @@ def resolve_config(config: pytest.Config) -> ParityConfig:
         golden_dir=Path(values["golden-dir"]) if values["golden-dir"] else config.rootpath / "golden",
         record_golden=_boolean(values["record-golden"], "parity_record_golden"),
         explicit=explicit,
+        findings=Path(values["findings"]) if values["findings"] else None,
+        engines_alive=int(alive),
     )
     try:
         parity.selected_cells()
     except MatrixError as exc:
         raise pytest.UsageError(str(exc)) from None
+    from conformance.findings import load_known_findings
     from conformance.session import SessionError, read_prompt_texts
+
+    try:
+        load_known_findings(parity.findings) if parity.findings else load_known_findings()
+    except ValueError as exc:
+        raise pytest.UsageError(f"--parity-findings: {exc}") from None
 
     try:
         read_prompt_texts(parity.prompts)

@@ -13,12 +13,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 COLUMNS = (
-    "cell", "checks", "failed", "layers", "tokens", "max|Δ|", "tol used", "mean|Δ|", "meanΔ", "k3", "boundary",
+    "cell", "checks", "failed", "known", "layers", "tokens", "max|Δ|", "tol used", "mean|Δ|", "meanΔ", "k3", "boundary",
     "engine fails",
 )
 """max|Δ|, mean|Δ|, meanΔ and k3 are over the point values of the sampled tokens (what a trainer sees);
 "tol used" is the verdict's margin: the largest distance of any returned value (sampled or top-n) from its
-legitimate range, as a fraction of the check's ``max_abs`` (scaled by 1/T below T = 1); above 1 fails."""
+legitimate range, as a fraction of the check's ``max_abs`` (scaled by 1/T below T = 1); above 1 fails.
+"failed" counts failed checks no known finding explains, "known" those a known divergence finding covers."""
 
 Record = Mapping[str, Any]
 
@@ -80,7 +81,8 @@ def cell_rows(checks: Iterable[Record], failures: Iterable[Record] = (), by_seri
             "cell": cell,
             "comparison": series,
             "checks": len(records),
-            "failed": sum(not r.get("passed", True) for r in records),
+            "failed": sum(not r.get("passed", True) and not r.get("known") for r in records),
+            "known": sum(not r.get("passed", True) and bool(r.get("known")) for r in records),
             "layers": ",".join(sorted({str(r["layer"]) for r in records if r.get("layer")})) or "-",
             "tokens": total,
             "max|Δ|": max(maxima, default=math.nan),

@@ -39,7 +39,7 @@ def _failures(run: Run, limit: int = 20) -> list[str]:
     for r in run.checks:
         # hypothesis replays a failing example once more: report each distinct failure once
         key = (r.get("cell"), r.get("test"), str(r.get("params")), tuple(r.get("reasons") or ()))
-        if not r.get("passed", True) and key not in seen:
+        if not r.get("passed", True) and not r.get("known") and key not in seen:
             seen.add(key)
             failed.append(r)
     for record in failed[:limit]:
@@ -57,6 +57,12 @@ def _failures(run: Run, limit: int = 20) -> list[str]:
             )
     if len(failed) > limit:
         lines.append(f"- ... and {len(failed) - limit} more failed checks")
+    covered: dict[str, int] = defaultdict(int)
+    for r in run.checks:
+        if not r.get("passed", True) and r.get("known"):
+            covered[str(r["known"])] += 1
+    for text, count in sorted(covered.items()):
+        lines.append(f"- {count} check(s) covered by a {text}")
     for failure in run.failures:
         tag = f"known finding {failure['known']}" if failure.get("known") else "engine failure"
         lines.append(f"- **{failure.get('cell')}** {tag}: {failure.get('reason')} (params: {failure.get('params')})")
@@ -116,12 +122,14 @@ def _trend_rows(runs: list[Run]) -> list[list[str]]:
 def markdown_report(runs: list[Run], plots: list[Path], out: Path) -> str:
     """The report of ``runs`` (the last one is summarised in detail); plot links are relative to ``out``."""
     latest = runs[-1]
-    failed = sum(not r.get("passed", True) for r in latest.checks)
+    failed = sum(not r.get("passed", True) and not r.get("known") for r in latest.checks)
+    known = sum(not r.get("passed", True) and bool(r.get("known")) for r in latest.checks)
     status = "FAILED" if failed or any(not f.get("known") for f in latest.failures) else "passed"
     lines = [
         f"# logprob parity report: {status}",
         "",
-        f"Run `{latest.path.name}`: {len(latest.checks)} checks, {failed} failed, {len(latest.failures)} engine failures; {_versions(latest)}.",
+        f"Run `{latest.path.name}`: {len(latest.checks)} checks, {failed} failed, {known} covered by known findings, "
+        f"{len(latest.failures)} engine failures; {_versions(latest)}.",
         "Δ = expected − engine in nats (for golden checks: new build's replay − golden value).",
         "",
     ]

@@ -39,6 +39,8 @@ class Recorder:
     """Every check as the JSON record the results file holds (the per-cell table reads these)."""
     failure_records: list[dict[str, Any]] = field(default_factory=list)
     """Every engine failure as its JSON record."""
+    timing_records: list[dict[str, Any]] = field(default_factory=list)
+    """Per test: where its wall time went."""
 
     def add(self, test: str, report: ParityReport, extra: dict[str, Any] | None = None) -> None:
         """Keep ``report`` for the summary and write its record (plus ``extra`` keys) to the results file."""
@@ -52,6 +54,38 @@ class Recorder:
         record = {"kind": "engine-failure", "test": test, **failure.__dict__}
         self.failure_records.append(record)
         self._write(record)
+
+    def add_timing(self, test: str, cell: str, seconds: dict[str, float]) -> None:
+        """Where one test's wall time went (``wall`` and the ``engine_start`` / ``generate`` / ``reference``
+        / ``contract`` shares), for ``benchmarks/suite_profile.py``."""
+        record = {"kind": "timing", "test": test, "cell": cell, "seconds": {k: round(v, 4) for k, v in seconds.items()}}
+        self.timing_records.append(record)
+        self._write(record)
+
+    def payload(self) -> str:
+        """Everything recorded, as JSON (what a pytest-xdist worker hands to the controller)."""
+        return json.dumps(
+            {"records": self.records, "failures": self.failure_records, "timings": self.timing_records,
+             "versions": self.versions},
+            default=str,
+        )
+
+    def merge(self, payload: str) -> None:
+        """Take over a worker's :meth:`payload`: its records join this recorder's (and the results file)."""
+        data = json.loads(payload)
+        if data.get("versions") and not self.versions:
+            self.versions.update(data["versions"])
+        for record in data.get("records", []):
+            self.records.append(record)
+            self._write(record)
+        for record in data.get("failures", []):
+            self.failure_records.append(record)
+            fields = {k: record.get(k) for k in ("cell", "params", "reason", "log_tail", "known")}
+            self.engine_failures.append(EngineFailureRecord(**fields))
+            self._write(record)
+        for record in data.get("timings", []):
+            self.timing_records.append(record)
+            self._write(record)
 
     def _write(self, record: dict[str, Any]) -> None:
         if self.results_path is None:

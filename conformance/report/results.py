@@ -25,6 +25,7 @@ class Run:
     path: Path
     checks: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
+    timings: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def versions(self) -> dict[str, str]:
@@ -55,9 +56,9 @@ def load_run(path: Path) -> Run:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ResultsError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or record.get("kind") not in ("check", "engine-failure"):
-            raise ResultsError(f"{path}:{number}: not a parity record (expected kind 'check' or 'engine-failure')")
-        (run.checks if record["kind"] == "check" else run.failures).append(record)
+        if not isinstance(record, dict) or record.get("kind") not in ("check", "engine-failure", "timing"):
+            raise ResultsError(f"{path}:{number}: not a parity record (expected kind 'check', 'engine-failure' or 'timing')")
+        {"check": run.checks, "engine-failure": run.failures, "timing": run.timings}[record["kind"]].append(record)
     if not run.checks and not run.failures:
         raise ResultsError(f"{path}: no records (was the run made with --parity-results?)")
     return run

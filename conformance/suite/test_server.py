@@ -36,27 +36,24 @@ def test_server_agrees_with_offline(parity: Parity, parity_session: Any) -> None
     if cell.engine != "vllm-server":
         pytest.skip(f"cell {cell.id} is not a server cell (engine = {cell.engine!r})")
     twin = dataclasses.replace(cell, engine="vllm", id=f"{cell.id}~offline")
-    offline = parity_session.handle(twin)
-    try:
-        for spec in SPECS:
-            requests = [Request(parity.prompts.ids[i], spec, prompt_logprobs=3 if i == 0 else None) for i in PROMPTS]
-            repro = f"prompts={list(PROMPTS)} {spec.describe()} (prompt_logprobs=3 on the first)"
-            served = parity.generate_or_report(requests, repro)
-            parity.assert_passed(parity.judge(requests, served))
-            local = offline.engine.generate(requests)
-            tolerance = parity.max_abs(spec)
-            names = (f"{cell.id} offline", f"{cell.id} server")
-            for index, (a, b) in enumerate(zip(local, served, strict=True)):
-                comparison = compare_samples(a, b, cell.id, names, tolerance, f"{spec.describe()}, prompt {PROMPTS[index]}")
-                assert comparison.passed and not comparison.divergences, comparison.explain()
-            prompt_a, prompt_b = local[0][0].prompt_values, served[0][0].prompt_values
-            assert len(prompt_a) == len(prompt_b) == len(requests[0].prompt_ids), (len(prompt_a), len(prompt_b))
-            worst = max(
-                (abs(va - b[t]) for a, b in zip(prompt_a[1:], prompt_b[1:]) for t, va in (a or {}).items() if t in (b or {})),
-                default=0.0,
-            )
-            assert worst <= cell.tolerance.max_abs, (
-                f"prompt logprobs: server vs offline max |Δ| {worst:.3g} > {cell.tolerance.max_abs:g} in cell {cell.id}"
-            )
-    finally:
-        offline.close()
+    offline = parity_session.shared_handle(twin)  # an offline cell of the same configuration shares it
+    for spec in SPECS:
+        requests = [Request(parity.prompts.ids[i], spec, prompt_logprobs=3 if i == 0 else None) for i in PROMPTS]
+        repro = f"prompts={list(PROMPTS)} {spec.describe()} (prompt_logprobs=3 on the first)"
+        served = parity.generate_or_report(requests, repro)
+        parity.assert_passed(parity.judge(requests, served))
+        local = offline.engine.generate(requests)
+        tolerance = parity.max_abs(spec)
+        names = (f"{cell.id} offline", f"{cell.id} server")
+        for index, (a, b) in enumerate(zip(local, served, strict=True)):
+            comparison = compare_samples(a, b, cell.id, names, tolerance, f"{spec.describe()}, prompt {PROMPTS[index]}")
+            assert comparison.passed and not comparison.divergences, comparison.explain()
+        prompt_a, prompt_b = local[0][0].prompt_values, served[0][0].prompt_values
+        assert len(prompt_a) == len(prompt_b) == len(requests[0].prompt_ids), (len(prompt_a), len(prompt_b))
+        worst = max(
+            (abs(va - b[t]) for a, b in zip(prompt_a[1:], prompt_b[1:]) for t, va in (a or {}).items() if t in (b or {})),
+            default=0.0,
+        )
+        assert worst <= cell.tolerance.max_abs, (
+            f"prompt logprobs: server vs offline max |Δ| {worst:.3g} > {cell.tolerance.max_abs:g} in cell {cell.id}"
+        )

@@ -1,0 +1,86 @@
+"""Known findings: crash findings recognise failure text, divergence findings cover exactly the checks
+their condition names, and a covered check xfails the test (any uncovered failure still fails it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conformance.findings import KnownFinding, covering_finding, load_known_findings, match_finding
+from conformance.spec import SamplingSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+TOPP = KnownFinding(
+    id="topp", engine="vllm", versions=">=0.26,<0.27", summary="s", kind="divergence",
+    when="tier == 'gpu' and top_p < 1 and (min_p > 0 or allowed_token_ids)",
+)
+
+
+def test_divergence_covers_exactly_its_condition() -> None:
+    hit = SamplingSpec(top_p=0.7, min_p=0.4)
+    assert TOPP.covers("vllm", "0.26.0", hit, "gpu", 8)
+    assert TOPP.covers("vllm", "0.26.0", SamplingSpec(top_p=0.7, allowed_token_ids=(1, 2, 3)), "gpu", 8)
+    assert not TOPP.covers("vllm", "0.26.0", SamplingSpec(top_p=0.7), "gpu", 8)  # no mask: not covered
+    assert not TOPP.covers("vllm", "0.26.0", SamplingSpec(min_p=0.4), "gpu", 8)
+    assert not TOPP.covers("vllm", "0.26.0", hit, "cpu", 8)
+    assert not TOPP.covers("vllm", "0.32.0", hit, "gpu", 8)  # other version
+    assert not TOPP.covers("sglang", "0.26.0", hit, "gpu", 8)
+    assert covering_finding("vllm", "0.26.0", hit, "gpu", 8, [TOPP]) is TOPP
+    assert match_finding("vllm", "0.26.0", "anything", [TOPP]) is None  # a divergence never matches crash text
+
+
+@pytest.mark.parametrize(
+    ("entry", "needle"),
+    [
+        ('kind = "divergence"\nwhen = "__import__(\'os\')"', "uses Call"),
+        ('kind = "divergence"\nwhen = "temprature < 1"', "names 'temprature'"),
+        ('kind = "divergence"\nwhen = "top_p <"', "is not an expression"),
+        ('kind = "oops"', "kind = 'oops'"),
+        ("", "a crash finding needs match"),
+    ],
+)
+def test_bad_findings_file_is_one_line(tmp_path: Path, entry: str, needle: str) -> None:
+    path = tmp_path / "f.toml"
+    path.write_text(f'[[finding]]\nid = "x"\nengine = "vllm"\nversions = ">=0"\nsummary = "s"\n{entry}\n')
+    with pytest.raises(ValueError) as info:
+        load_known_findings(path)
+    assert needle in str(info.value) and "finding 'x'" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_shipped_findings_load() -> None:
+    ids = {f.id for f in load_known_findings()}
+    assert {"vllm-cpu-seeded-split-prefill", "vllm-cpu-model-load-weights"} <= ids
+
+
+def _run(pytester: pytest.Pytester, when: str) -> pytest.RunResult:
+    pytester.makeconftest(
+        f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from conformance.engines.registry import register_engine
+register_engine("reference-engine", "tests.reference_engine:factory")
+"""
+    )
+    (pytester.path / "m.toml").write_text(
+        '[[cell]]\nid = "ref"\nengine = "reference-engine"\ndtype = "float32"\nlogprobs_mode = "processed_logprobs"\n'
+    )
+    (pytester.path / "f.toml").write_text(
+        f'[[finding]]\nid = "planted-divergence"\nkind = "divergence"\nengine = "reference-engine"\n'
+        f'versions = ">=0.0"\nsummary = "a planted divergence"\nwhen = "{when}"\n'
+    )
+    # A temperature-blind ('raw') trainer against processed values: semantic failures wherever T != 1.
+    return pytester.runpytest_subprocess(
+        "-p", "conformance.plugin", "--pyargs", "conformance.suite", "-m", "parity", "--parity-matrix", "m.toml",
+        "--parity-findings", "f.toml", "-k", "test_logprobs_match_contract", "--parity-trainer", "raw",
+        "--parity-examples", "6", "--parity-shrink", "false", "--parity-device", "cpu", "-p", "no:cacheprovider", "-rx",
+    )
+
+
+def test_covered_divergence_xfails_and_uncovered_fails(pytester: pytest.Pytester) -> None:
+    covered = _run(pytester, "True")
+    covered.assert_outcomes(xfailed=1)
+    assert "known engine finding planted-divergence: a planted divergence" in covered.stdout.str()
+    uncovered = _run(pytester, "temperature > 100")
+    uncovered.assert_outcomes(failed=1)
+    assert "FAILED [layer:" in uncovered.stdout.str()
