@@ -14,8 +14,8 @@ Two kinds, in ``fixtures/known_findings.toml``:
 
 * ``divergence``: logprobs that break the contract under a sampling-parameter condition, ``when``, a
   small boolean expression over the request's :class:`~conformance.spec.SamplingSpec` fields (a set
-  field is true: ``allowed_token_ids``, ``bad_words``), ``tier`` (``cpu`` / ``gpu``) and ``rows`` (the
-  sequences of the check)::
+  field is true: ``allowed_token_ids``, ``bad_words``; ``len(...)`` counts one), ``tier`` (``cpu`` /
+  ``gpu``), ``greedy`` and ``rows`` (the sequences of the check)::
 
       [[finding]]
       id = "vllm-0.26-triton-topp-masked-rows"
@@ -91,6 +91,7 @@ class KnownFinding:
 _NODES = (
     ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.Compare, ast.Name, ast.Load,
     ast.Constant, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.Eq, ast.NotEq, ast.In, ast.NotIn, ast.Tuple, ast.List,
+    ast.Call,
 )
 
 
@@ -100,18 +101,21 @@ def check_expression(text: str, where: str) -> None:
         tree = ast.parse(text, mode="eval")
     except SyntaxError as exc:
         raise ValueError(f"{where}: when = {text!r} is not an expression ({exc.msg})") from None
-    names = {f.name for f in fields(SamplingSpec)} | {"tier", "rows", "greedy"}
+    names = {f.name for f in fields(SamplingSpec)} | {"tier", "rows", "greedy", "len"}
     for node in ast.walk(tree):
-        if not isinstance(node, _NODES):
+        if not isinstance(node, _NODES) or (
+            isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name) and node.func.id == "len" and not node.keywords)
+        ):
             raise ValueError(f"{where}: when = {text!r} uses {type(node).__name__}, not allowed in a finding condition")
         if isinstance(node, ast.Name) and node.id not in names:
-            raise ValueError(f"{where}: when = {text!r} names {node.id!r}, not a sampling field, tier, rows or greedy")
+            raise ValueError(f"{where}: when = {text!r} names {node.id!r}, not a sampling field, tier, rows, greedy or len")
 
 
 def evaluate(text: str, names: Mapping[str, Any]) -> Any:
     """Evaluate a checked ``when`` expression (comparisons, and/or/not, constants, the given names)."""
     check_expression(text, "finding")
-    return eval(compile(ast.parse(text, mode="eval"), "<finding>", "eval"), {"__builtins__": {}}, dict(names))  # noqa: S307 - checked above
+    scope = {**names, "len": lambda value: 0 if value is None else len(value)}
+    return eval(compile(ast.parse(text, mode="eval"), "<finding>", "eval"), {"__builtins__": {}}, scope)  # noqa: S307 - checked above
 
 
 def load_known_findings(path: Path = KNOWN_FINDINGS) -> list[KnownFinding]:
