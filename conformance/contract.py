@@ -43,13 +43,22 @@ logits differ from the fp32 reference by up to ``band`` (in raw-logit units) can
 the other way. :func:`processed_distribution` therefore also returns the tokens that *surely* survive and
 those that *maybe* survive under such a perturbation, and :func:`logprob_interval` the resulting range of
 legitimate processed logprobs. With ``band=0`` both sets equal the exact survivors.
+
+Step-order variants. Where an implementation can plausibly read a step differently (top-p decided before
+min_p, penalties over other histories, temperature before the bias ...), :class:`StepOrder` names the
+deviation; its defaults *are* the steps above. :data:`VARIANTS` (section "step-order variants" at the end)
+is the registry of named deviations a failure can be explained by, each with the step it changes. Orders
+that commute with the steps above (top-k and min_p in either order, the masks of steps 1-3 before or after
+the bias, penalties or temperature, the repetition penalty before or after temperature) give identical
+values and are therefore not variants.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -61,6 +70,44 @@ from conformance.spec import (
     TokenContext,
     TrainerSemantics,
 )
+
+
+@dataclass(frozen=True)
+class StepOrder:
+    """Where an implementation may read a numbered step differently; the defaults *are* the contract.
+
+    :func:`shape_logits`, :func:`processed_distribution` and the truncation steps read it; a named
+    deviation is a :data:`VARIANTS` entry. Each field names the step it changes.
+    """
+
+    bad_word_history: Literal["output", "prompt+output"] = "output"
+    """Step 2: the tokens a bad word's prefix is matched against."""
+    bias_after_penalties: bool = False
+    """Steps 4-5: ``logit_bias`` added after the penalties instead of before."""
+    repetition_history: Literal["prompt+output", "output"] = "prompt+output"
+    """Step 5: the tokens the repetition penalty counts as seen."""
+    count_history: Literal["output", "prompt+output"] = "output"
+    """Step 5: the tokens the frequency and presence penalties count."""
+    repetition_after_counts: bool = False
+    """Step 5: the repetition penalty applied after frequency/presence instead of before."""
+    temperature_before_shaping: bool = False
+    """Step 7 moved before step 4: bias and penalties act on ``z / T``."""
+    clamp_temperature: bool = True
+    """Steps 6-7: ``0 < T < 0.01`` clamped up to 0.01 (False: divided by T as given)."""
+    min_p_reads: Literal["scaled", "unscaled", "unshaped max"] = "scaled"
+    """Step 8: min_p judged on the scaled logits, on the logits before temperature (``unscaled``), or
+    against the maximum probability of the distribution before steps 1-5 (``unshaped max``)."""
+    top_p_reads: Literal["scaled", "unscaled"] = "scaled"
+    """Step 10: top-p judged on the scaled logits or on the logits before temperature."""
+    truncation_order: tuple[str, str, str] = ("min_p", "top_k", "top_p")
+    """Steps 8-10: the order of the truncation stages; each stage sees the survivors of the earlier ones."""
+    top_p_renormalised: bool = True
+    """Step 10: top-p's cumulative mass renormalised over the survivors (False: their full-softmax mass)."""
+
+
+CONTRACT_ORDER = StepOrder()
+"""The contract's own reading of every step."""
+
 
 @dataclass
 class ProcessedDistribution:
@@ -91,30 +138,40 @@ def shape_logits(
     output_ids: Sequence[int],
     spec: SamplingSpec,
     context: TokenContext,
+    order: StepOrder = CONTRACT_ORDER,
 ) -> torch.Tensor:
     """Steps 1-5 for every generated position of one sequence.
 
     ``raw_logits[i]`` are the fp32 logits that predicted ``output_ids[i]``; the history at position ``i``
-    is ``prompt_ids + output_ids[:i]``.
+    is ``prompt_ids + output_ids[:i]``. ``order`` (a step-order variant) changes how a step is read.
     """
     logits = raw_logits.to(torch.float32).clone()
     positions, vocab = logits.shape
     device = logits.device
     neg_inf = float("-inf")
+    if order.temperature_before_shaping and not spec.greedy:
+        logits = logits / _temperature(spec, order)
     if spec.allowed_token_ids is not None:
         allowed = torch.zeros(vocab, dtype=torch.bool, device=device)
         allowed[list(spec.allowed_token_ids)] = True
         logits[:, ~allowed] = neg_inf
     prompt_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
-    if len(context.prompt_ids):
+    if len(context.prompt_ids) and order.repetition_history == "prompt+output":
         prompt_mask[list(context.prompt_ids)] = True
-    counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+    output_counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+    prompt_counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+    if len(context.prompt_ids) and order.count_history == "prompt+output":
+        prompt_counts.index_add_(
+            0, torch.tensor(list(context.prompt_ids), device=device), torch.ones(len(context.prompt_ids), device=device)
+        )
     stop_ids = sorted(context.stop_token_ids)
     bias_ids = [t for t, _ in spec.logit_bias]
     bias_values = torch.tensor([b for _, b in spec.logit_bias], dtype=torch.float32, device=device)
     for i in range(positions):
         row = logits[i]
-        history = output_ids[:i]
+        history = list(output_ids[:i])
+        if order.bad_word_history == "prompt+output":
+            history = list(context.prompt_ids) + history
         for word in context.bad_words_token_ids:
             prefix = word[:-1]
             if len(word) > len(history) + 1:
@@ -123,20 +180,38 @@ def shape_logits(
                 row[word[-1]] = neg_inf
         if i < spec.min_tokens and stop_ids:
             row[stop_ids] = neg_inf
-        if bias_ids:
+        if bias_ids and not order.bias_after_penalties:
             row.index_add_(0, torch.tensor(bias_ids, device=device), bias_values)
+        counts = output_counts + prompt_counts
+        if order.repetition_after_counts:
+            _frequency_presence(row, counts, spec)
         if spec.repetition_penalty != 1.0:
-            seen = prompt_mask | (counts > 0)
+            seen = prompt_mask | (output_counts > 0)
             r = spec.repetition_penalty
             scale = torch.where(row > 0, torch.full_like(row, 1.0 / r), torch.full_like(row, r))
             row.mul_(torch.where(seen, scale, torch.ones_like(row)))
-        if spec.frequency_penalty != 0.0:
-            row.sub_(spec.frequency_penalty * counts)
-        if spec.presence_penalty != 0.0:
-            row.sub_(spec.presence_penalty * (counts > 0).to(torch.float32))
+        if not order.repetition_after_counts:
+            _frequency_presence(row, counts, spec)
+        if bias_ids and order.bias_after_penalties:
+            row.index_add_(0, torch.tensor(bias_ids, device=device), bias_values)
         if i < len(output_ids):
-            counts[output_ids[i]] += 1.0
+            output_counts[output_ids[i]] += 1.0
     return logits
+
+
+def _frequency_presence(row: torch.Tensor, counts: torch.Tensor, spec: SamplingSpec) -> None:
+    """Step 5's frequency then presence penalty, in place (``counts``: the tokens counted so far)."""
+    if spec.frequency_penalty != 0.0:
+        row.sub_(spec.frequency_penalty * counts)
+    if spec.presence_penalty != 0.0:
+        row.sub_(spec.presence_penalty * (counts > 0).to(torch.float32))
+
+
+def _temperature(spec: SamplingSpec, order: StepOrder = CONTRACT_ORDER) -> float:
+    """Step 7's divisor: ``spec.effective_temperature`` (the clamp of step 6), or T as given."""
+    if order.clamp_temperature or spec.greedy:
+        return spec.effective_temperature
+    return spec.temperature
 
 
 def _min_p_keep(scaled: torch.Tensor, min_p: float) -> torch.Tensor:
@@ -153,30 +228,52 @@ def _top_k_keep(values: torch.Tensor, k: int) -> torch.Tensor:
     return values >= kth
 
 
-def _top_p_keep(values: torch.Tensor, p: float) -> torch.Tensor:
+def _top_p_keep(values: torch.Tensor, p: float, mass: torch.Tensor | None = None) -> torch.Tensor:
     """Exact top-p survivors, vLLM's rule: sort ascending, drop where the cumulative mass <= 1 - p,
-    never the last (most probable) entry."""
+    never the last (most probable) entry. ``mass`` (a variant): each token's probability to accumulate
+    instead of ``softmax(values)``."""
     sorted_vals, order = torch.sort(values, dim=-1, descending=False)
-    cum = torch.cumsum(torch.softmax(sorted_vals, dim=-1), dim=-1)
+    weights = torch.softmax(sorted_vals, dim=-1) if mass is None else torch.gather(mass, -1, order)
+    cum = torch.cumsum(weights, dim=-1)
     drop = cum <= 1 - p
     drop[:, -1] = False
     return torch.zeros_like(drop).scatter(-1, order, ~drop)
 
 
-def _survivors(scaled: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
-    """Exact min_p -> top_k -> top_p survivors of the scaled logits (steps 8-10)."""
+def _survivors(
+    scaled: torch.Tensor,
+    spec: SamplingSpec,
+    order: StepOrder = CONTRACT_ORDER,
+    unscaled: torch.Tensor | None = None,
+    unshaped: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact min_p -> top_k -> top_p survivors of the scaled logits (steps 8-10); each stage reads the
+    survivors of the stages before it. A variant ``order`` may permute the stages or have a stage read the
+    logits before temperature (``unscaled``) or before steps 1-5 (``unshaped``, at temperature T)."""
     keep = torch.isfinite(scaled)
     if not spec.truncates:
         return keep
-    stage = scaled
-    if spec.min_p > 0.0:
-        keep &= _min_p_keep(stage, spec.min_p)
-        stage = scaled.masked_fill(~keep, float("-inf"))
-    if spec.top_k > 0:
-        keep &= _top_k_keep(stage, spec.top_k)
-        stage = scaled.masked_fill(~keep, float("-inf"))
-    if spec.top_p < 1.0:
-        keep &= _top_p_keep(stage, spec.top_p)
+    neg_inf = float("-inf")
+    for stage in order.truncation_order:
+        current = scaled.masked_fill(~keep, neg_inf)
+        if stage == "min_p" and spec.min_p > 0.0:
+            if order.min_p_reads == "unscaled" and unscaled is not None:
+                keep &= _min_p_keep(unscaled.masked_fill(~keep, neg_inf), spec.min_p)
+            elif order.min_p_reads == "unshaped max" and unshaped is not None:
+                ceiling = torch.softmax(unshaped, dim=-1).amax(dim=-1, keepdim=True)
+                keep &= ~(torch.softmax(current, dim=-1) < ceiling * spec.min_p)
+            else:
+                keep &= _min_p_keep(current, spec.min_p)
+        elif stage == "top_k" and spec.top_k > 0:
+            keep &= _top_k_keep(current, spec.top_k)
+        elif stage == "top_p" and spec.top_p < 1.0:
+            if order.top_p_reads == "unscaled" and unscaled is not None:
+                keep &= _top_p_keep(unscaled.masked_fill(~keep, neg_inf), spec.top_p)
+            elif not order.top_p_renormalised:
+                full = torch.softmax(scaled, dim=-1)
+                keep &= _top_p_keep(current, spec.top_p, mass=full.masked_fill(~keep, 0.0))
+            else:
+                keep &= _top_p_keep(current, spec.top_p)
     return keep
 
 
@@ -273,15 +370,24 @@ def processed_distribution(
     spec: SamplingSpec,
     context: TokenContext,
     band: float = 0.0,
+    order: StepOrder = CONTRACT_ORDER,
 ) -> ProcessedDistribution:
     """Apply the whole contract (steps 1-11) to one sequence's fp32 raw logits ``[positions, vocab]``.
 
     ``band`` is the largest raw-logit error the cell's precision allows; it only widens ``sure`` /
-    ``maybe`` (see :func:`band_shift`), never ``logprobs``.
+    ``maybe`` (see :func:`band_shift`), never ``logprobs``. ``order`` reads the steps as a step-order
+    variant does (:data:`VARIANTS`); the default is the contract.
     """
-    shaped = shape_logits(raw_logits, output_ids, spec, context)
-    scaled = shaped if spec.greedy else shaped / spec.effective_temperature
-    kept = _survivors(scaled, spec)
+    shaped = shape_logits(raw_logits, output_ids, spec, context, order)
+    if spec.greedy or order.temperature_before_shaping:
+        scaled = shaped
+    else:
+        scaled = shaped / _temperature(spec, order)
+    if order == CONTRACT_ORDER:
+        kept = _survivors(scaled, spec)
+    else:
+        unshaped = None if spec.greedy else raw_logits.to(torch.float32) / _temperature(spec, order)
+        kept = _survivors(scaled, spec, order, unscaled=shaped, unshaped=unshaped)
     if band > 0.0 and spec.truncates:
         sure, maybe = _band_survivors(scaled, spec, band_shift(spec, band))
         sure, maybe = sure & kept, maybe | kept
@@ -359,3 +465,134 @@ def objective_mismatch(spec: SamplingSpec, trainer: TrainerSemantics) -> str | N
 
 def _truncation_fields(spec: SamplingSpec) -> list[str]:
     return [f"{n}={getattr(spec, n):g}" for n in spec.truncation_fields()]
+
+
+# -- step-order variants ---------------------------------------------------------------------------------
+# Plausible implementation differences of one numbered step each: what another engine (or a regression)
+# may compute instead of the contract. A failing check whose values match one of them within tolerance is a
+# *semantic* failure naming the step (conformance.parity's alternatives search); a variant whose step is
+# inactive for a spec equals the contract exactly and is not evaluated (``active``). tests/test_variants.py
+# shows each one differing from the contract on some input and equal to it where its step is inactive.
+
+VariantFn = Callable[[torch.Tensor, Sequence[int], SamplingSpec, TokenContext], torch.Tensor]
+"""``(raw_logits, output_ids, spec, context) -> processed logprobs [positions, vocab]`` under a variant."""
+
+
+class StepVariant(NamedTuple):
+    """One registered variant: the contract step it changes, a one-line description naming that step, the
+    processed logprobs it gives, when it can differ from the contract at all, and its :class:`StepOrder`."""
+
+    step: int
+    description: str
+    fn: VariantFn
+    active: Callable[[SamplingSpec], bool]
+    order: StepOrder
+
+    def distribution(
+        self, raw_logits: torch.Tensor, output_ids: Sequence[int], spec: SamplingSpec, context: TokenContext
+    ) -> ProcessedDistribution:
+        """The whole :class:`ProcessedDistribution` under this variant (logits and logprobs)."""
+        return processed_distribution(raw_logits, output_ids, spec, context, order=self.order)
+
+
+def _variant(step: int, description: str, active: Callable[[SamplingSpec], bool], **deviation: object) -> StepVariant:
+    order = StepOrder(**deviation)  # type: ignore[arg-type]
+
+    def fn(raw_logits: torch.Tensor, output_ids: Sequence[int], spec: SamplingSpec, context: TokenContext) -> torch.Tensor:
+        return processed_distribution(raw_logits, output_ids, spec, context, order=order).logprobs
+
+    return StepVariant(step, description, fn, active, order)
+
+
+def _sampled(spec: SamplingSpec) -> bool:
+    return not spec.greedy
+
+
+def _scaled_by_t(spec: SamplingSpec) -> bool:
+    return not spec.greedy and spec.effective_temperature != 1.0
+
+
+VARIANTS: dict[str, StepVariant] = {
+    # steps 8-10: which survivors top-p's cumulative mass is taken over (min_p and top-k commute: a token's
+    # min_p decision is a ratio to the maximum, which every stage keeps; top-k keeps a prefix of the ranking)
+    "top_p before min_p": _variant(
+        10, "step 10 top-p decided before step 8 min_p: its cumulative mass includes the tokens min_p removes",
+        lambda s: _sampled(s) and s.top_p < 1.0 and s.min_p > 0.0,
+        truncation_order=("top_k", "top_p", "min_p"),
+    ),
+    "top_p before top_k": _variant(
+        10, "step 10 top-p decided before step 9 top-k: its cumulative mass includes the tokens top-k removes",
+        lambda s: _sampled(s) and s.top_p < 1.0 and s.top_k > 0,
+        truncation_order=("min_p", "top_p", "top_k"),
+    ),
+    "top_p first": _variant(
+        10, "step 10 top-p decided on the whole distribution, before step 8 min_p and step 9 top-k",
+        lambda s: _sampled(s) and s.top_p < 1.0 and (s.top_k > 0 or s.min_p > 0.0),
+        truncation_order=("top_p", "min_p", "top_k"),
+    ),
+    "top_p mass not renormalised": _variant(
+        10, "step 10 top-p accumulates the survivors' full-softmax mass, not renormalised after steps 8-9",
+        lambda s: _sampled(s) and s.top_p < 1.0 and (s.min_p > 0.0 or s.top_k > 0),
+        top_p_renormalised=False,
+    ),
+    "top_p before temperature": _variant(
+        10, "step 10 top-p decided on the logits before step 7 temperature (at T = 1)",
+        lambda s: _scaled_by_t(s) and s.top_p < 1.0,
+        top_p_reads="unscaled",
+    ),
+    "min_p before temperature": _variant(
+        8, "step 8 min_p decided on the logits before step 7 temperature (at T = 1)",
+        lambda s: _scaled_by_t(s) and s.min_p > 0.0,
+        min_p_reads="unscaled",
+    ),
+    "min_p against the pre-penalty maximum": _variant(
+        8, "step 8 min_p threshold taken from the maximum probability before steps 1-5 (masks, bias, penalties)",
+        lambda s: _sampled(s) and s.min_p > 0.0 and s.reshapes,
+        min_p_reads="unshaped max",
+    ),
+    # step 5: histories and order of the penalties
+    "repetition penalty over output only": _variant(
+        5, "step 5 repetition penalty counts only generated tokens as seen, not the prompt's",
+        lambda s: s.repetition_penalty != 1.0,
+        repetition_history="output",
+    ),
+    "frequency/presence over prompt+output": _variant(
+        5, "step 5 frequency and presence penalties count the prompt's tokens too, not only generated ones",
+        lambda s: s.frequency_penalty != 0.0 or s.presence_penalty != 0.0,
+        count_history="prompt+output",
+    ),
+    "repetition penalty after frequency/presence": _variant(
+        5, "step 5 repetition penalty applied after the frequency and presence penalties",
+        lambda s: s.repetition_penalty != 1.0 and (s.frequency_penalty != 0.0 or s.presence_penalty != 0.0),
+        repetition_after_counts=True,
+    ),
+    # steps 4-7: where the bias and the temperature sit
+    "logit_bias after penalties": _variant(
+        4, "step 4 logit_bias added after the step 5 penalties (the repetition penalty scales the unbiased logit)",
+        lambda s: bool(s.logit_bias) and s.repetition_penalty != 1.0,
+        bias_after_penalties=True,
+    ),
+    "temperature before bias/penalties": _variant(
+        7, "step 7 temperature applied before step 4 logit_bias and the step 5 penalties (they act on z/T)",
+        lambda s: _scaled_by_t(s) and (bool(s.logit_bias) or s.frequency_penalty != 0.0 or s.presence_penalty != 0.0),
+        temperature_before_shaping=True,
+    ),
+    "temperature not clamped": _variant(
+        6, "step 6 clamp skipped: 0 < T < 0.01 divides the logits by T itself instead of 0.01",
+        lambda s: 0.0 < s.temperature < s.effective_temperature,
+        clamp_temperature=False,
+    ),
+    # step 2
+    "bad words matched over prompt+output": _variant(
+        2, "step 2 bad-word prefixes matched against the prompt's tokens too, not only generated ones",
+        lambda s: bool(s.bad_words),
+        bad_word_history="prompt+output",
+    ),
+}
+"""Name -> :class:`StepVariant` (``step, description, fn = VARIANTS[name][:3]``), the simplest
+explanation of a kind first (a failure matching several equally names the first, then the others)."""
+
+
+def active_variants(spec: SamplingSpec) -> list[str]:
+    """The variants that can differ from the contract under ``spec`` (the others equal it exactly)."""
+    return [name for name, variant in VARIANTS.items() if variant.active(spec)]
