@@ -7,8 +7,10 @@ supposed to mean, it returns a :class:`ParityReport` whose ``passed`` is the ver
 
 Layers:
 
-* ``semantic``: the numbers mean something else (they match another semantics, carry a systematic
-  offset, a masked token was sampled, a greedy token is not the argmax, a sampled value is missing).
+* ``semantic``: the numbers mean something else (they match another semantics or a step-order variant
+  of one contract step (:data:`contract.VARIANTS`), carry a systematic offset, a masked token was sampled,
+  a greedy token is not the argmax, a sampled value is missing; or, found by the fixture's ablation
+  (:mod:`conformance.diagnosis`), the failure goes away when a sampling parameter is reset).
 * ``inference-path``: same meaning, different computation (noise beyond the cell's tolerance).
 * ``objective``: the declared trainer cannot equal what was sampled (:func:`contract.objective_mismatch`).
 * ``engine``: the engine crashed or rejected the request (reported by the suite, not here).
@@ -19,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -30,6 +32,9 @@ from conformance.spec import LOGPROBS_MODES, TRAINER_SEMANTICS, LogprobsMode, Sa
 from conformance.engines.base import Sample
 from conformance.metrics import ParityMetrics, bias_excess, compute_metrics
 from conformance.tolerances import Tolerance
+
+if TYPE_CHECKING:
+    from conformance.diagnosis import Diagnosis
 
 Layer = Literal["semantic", "inference-path", "objective", "engine"]
 Target = LogprobsMode | TrainerSemantics
@@ -91,6 +96,14 @@ class ParityReport:
     layer: Layer | None = None
     reasons: list[str] = field(default_factory=list)
     alternatives: dict[str, float] = field(default_factory=dict)
+    variant: str | None = None
+    """The step-order variant (:data:`contract.VARIANTS`) whose values match the engine's within tolerance
+    when the contract's do not; None when none does (or a whole other semantics matches better)."""
+    variant_ties: list[str] = field(default_factory=list)
+    """Other variants (or semantics) that fit within tolerance too: the values cannot tell them apart."""
+    diagnosis: Diagnosis | None = None
+    """Set by the ``parity`` fixture on a failing check: the ablation (which parameters it needs) and
+    the upstream reproduction script (:mod:`conformance.diagnosis`)."""
     engine_description: str = ""
     decode: Callable[[int], str] | None = None
     known: str | None = None
@@ -121,6 +134,8 @@ class ParityReport:
             "boundary_tokens": self.boundary_tokens,
             "sequences": self.sequences,
             "alternatives": self.alternatives,
+            "variant": self.variant,
+            **(self.diagnosis.as_record() if self.diagnosis is not None else {}),
             "tolerance": self.tolerance.__dict__,
             "worst": [r.__dict__ | {"excess": r.excess} for r in self.worst()],
             "tokens": self.token_series(),
@@ -147,9 +162,16 @@ class ParityReport:
         if self.known:
             lines.append(f"  covered by a {self.known}")
         lines += [f"  why: {r}" for r in self.reasons]
-        if self.alternatives:
-            alts = ", ".join(f"{k}: {v:.3g}" for k, v in sorted(self.alternatives.items(), key=lambda kv: kv[1]))
+        if self.diagnosis is not None:
+            lines += ["  " + line for line in self.diagnosis.lines()]
+        semantics = {k: v for k, v in self.alternatives.items() if k not in contract.VARIANTS}
+        variants = {k: v for k, v in self.alternatives.items() if k in contract.VARIANTS}
+        if semantics:
+            alts = ", ".join(f"{k}: {v:.3g}" for k, v in sorted(semantics.items(), key=lambda kv: kv[1]))
             lines.append(f"  max |Δ| of sampled tokens under each semantics: {alts}")
+        if variants:
+            alts = ", ".join(f"{k}: {v:.3g}" for k, v in sorted(variants.items(), key=lambda kv: kv[1]))
+            lines.append(f"  max |Δ| under each step-order variant active here: {alts}")
         t = self.tolerance
         lines.append(
             f"  metrics over {self.sequences} sequences: {self.metrics.summary()} "
@@ -222,7 +244,31 @@ def _one_position_late(values: torch.Tensor, output_ids: Sequence[int]) -> torch
     return table
 
 
-def _alternatives(spec: SamplingSpec) -> dict[str, Callable[[ProcessedDistribution, torch.Tensor, SamplingSpec, TokenContext, Sequence[int]], torch.Tensor]]:
+AlternativeFn = Callable[[ProcessedDistribution, torch.Tensor, SamplingSpec, TokenContext, Sequence[int]], torch.Tensor]
+_PROCESSED_TARGETS = ("processed_logprobs", "processed_logits", "processed")
+
+
+def _variant_alternatives(spec: SamplingSpec, target: Target) -> dict[str, AlternativeFn]:
+    """The step-order variants (:data:`contract.VARIANTS`) that can differ from the contract under
+    ``spec``, as values of ``target``'s kind (logits for ``processed_logits``, else logprobs); none for a
+    raw or temperature-only target, whose values no sampler step touches."""
+    if target not in _PROCESSED_TARGETS:
+        return {}
+    logits = target == "processed_logits"
+
+    def values(name: str) -> AlternativeFn:
+        variant = contract.VARIANTS[name]
+
+        def fn(d: ProcessedDistribution, raw: torch.Tensor, sp: SamplingSpec, ctx: TokenContext, out: Sequence[int]) -> torch.Tensor:
+            dist = variant.distribution(raw, out, sp, ctx)
+            return dist.logits if logits else dist.logprobs
+
+        return fn
+
+    return {name: values(name) for name in contract.active_variants(spec)}
+
+
+def _alternatives(spec: SamplingSpec) -> dict[str, AlternativeFn]:
     """Other meanings an engine's numbers may have; each maps (dist, raw, spec, ctx, out) -> values."""
     stripped = replace(
         spec,
@@ -379,7 +425,7 @@ def check_parity(
     if not reasons and not numeric:
         return report
     report.passed = False
-    report.alternatives = _alternative_distances(spec, alt_inputs)
+    report.alternatives = _alternative_distances(spec, alt_inputs, target)
     objective = contract.objective_mismatch(spec, target) if trainer_declared and target in TRAINER_SEMANTICS else None  # type: ignore[arg-type]
     if objective and not violations:
         report.layer = "objective"
@@ -406,12 +452,14 @@ def check_parity(
 def _alternative_distances(
     spec: SamplingSpec,
     inputs: Sequence[tuple[ProcessedDistribution, torch.Tensor, TokenContext, Sequence[int], list[tuple[int, int, float]]]],
+    target: Target = "processed_logprobs",
 ) -> dict[str, float]:
-    """Max |Δ| of the finite sampled values under each alternative semantics (empty when none)."""
+    """Max |Δ| of the finite sampled values under each alternative semantics and each step-order variant
+    active under ``spec`` (empty when there are no finite sampled values)."""
     if not any(values for *_, values in inputs):
         return {}
     worst: dict[str, float] = {}
-    for name, fn in _alternatives(spec).items():
+    for name, fn in {**_alternatives(spec), **_variant_alternatives(spec, target)}.items():
         deltas = []
         for dist, raw, context, output_ids, values in inputs:
             if not values:
@@ -423,17 +471,39 @@ def _alternative_distances(
 
 
 def _matching_alternative(report: ParityReport, target: Target, tolerance: Tolerance) -> str | None:
+    """The explanation of a failure by another semantics or a step-order variant, or None.
+
+    Only a candidate that fits within tolerance *and* clearly better than the target (under half its max
+    |Δ|) explains a failure. Of several, the closest is named (whole semantics before variants, then the
+    registry's order, on equal distance); the others that fit are listed as indistinguishable here. Sets
+    ``report.variant`` (and ``variant_ties``) when the explanation is a variant.
+    """
     own = {"processed": "processed_logprobs", "raw": "raw_logprobs"}.get(str(target), str(target))
-    best = sorted(
-        ((v, k) for k, v in report.alternatives.items() if k != own and math.isfinite(v)),
-        key=lambda kv: kv[0],
-    )
     own_value = report.alternatives.get(own, math.inf)
-    # Only a semantics that fits within tolerance *and* clearly better than the target explains a failure.
-    if not best or best[0][0] > tolerance.max_abs or not best[0][0] < 0.5 * own_value:
-        return None
-    value, name = best[0]
-    return (
-        f"the engine's values match {name!r} (max |Δ| {value:.3g}) instead of {own!r} "
-        f"(max |Δ| {own_value:.3g})"
+    names = list(report.alternatives)
+    fits = sorted(
+        (
+            (v, names.index(k), k)
+            for k, v in report.alternatives.items()
+            if k != own and math.isfinite(v) and v <= tolerance.max_abs and v < 0.5 * own_value
+        ),
     )
+    if not fits:
+        return None
+    value, _, name = fits[0]
+    others = [k for _, _, k in fits[1:]]
+    if name in contract.VARIANTS:
+        variant = contract.VARIANTS[name]
+        report.variant, report.variant_ties = name, others
+        text = (
+            f"the engine's values match the step-order variant {name!r} (contract step {variant.step}: "
+            f"{variant.description}; max |Δ| {value:.3g}) instead of the contract's {own!r} (max |Δ| {own_value:.3g})"
+        )
+    else:
+        text = (
+            f"the engine's values match {name!r} (max |Δ| {value:.3g}) instead of {own!r} "
+            f"(max |Δ| {own_value:.3g})"
+        )
+    if others:
+        text += "; indistinguishable here: " + ", ".join(repr(k) for k in others)
+    return text

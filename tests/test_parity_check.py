@@ -283,3 +283,58 @@ def test_helper_samples_only_surviving_tokens() -> None:
         dist = contract.processed_distribution(seq.raw_logits, seq.sample.output_ids, spec, seq.context)
         for i, t in enumerate(seq.sample.output_ids):
             assert bool(dist.kept[i, t])
+
+
+# ---- step-order variants ------------------------------------------------------------------------------
+
+
+def _reported(inputs: list[SequenceInput], table: Callable[[SequenceInput], torch.Tensor]) -> list[SequenceInput]:
+    """The same samples with every returned value (sampled and top-n) taken from ``table(seq)``."""
+    out = []
+    for seq in inputs:
+        values = table(seq)
+        sample = seq.sample
+        sampled: list[float | None] = [float(values[i, t]) for i, t in enumerate(sample.output_ids)]
+        tops = [{t: float(values[i, t]) for t in top} for i, top in enumerate(sample.top_values)]
+        out.append(SequenceInput(Sample(sample.prompt_ids, sample.output_ids, sampled, tops, "length"), seq.raw_logits, seq.context))
+    return out
+
+
+@pytest.mark.parametrize(("name", "spec"), [
+    ("top_p before min_p", SamplingSpec(temperature=0.9, top_p=0.6, min_p=0.1, top_k=12)),
+    ("top_p before top_k", SamplingSpec(temperature=1.2, top_p=0.7, top_k=4)),
+    ("repetition penalty over output only", SamplingSpec(temperature=0.8, repetition_penalty=1.8)),
+    ("temperature before bias/penalties", SamplingSpec(temperature=0.5, frequency_penalty=0.9)),
+])
+def test_values_of_a_step_order_variant_name_it(name: str, spec: SamplingSpec) -> None:
+    variant = contract.VARIANTS[name]
+    inputs = _reported(build(spec, sequences=6), lambda s: variant.fn(s.raw_logits, s.sample.output_ids, spec, s.context))
+    report = check(inputs, spec)
+    why = failed(report, "semantic")
+    assert report.variant == name, report.explain()
+    assert f"step-order variant {name!r} (contract step {variant.step}" in why
+    assert report.alternatives[name] <= 1e-5
+    assert report.as_record()["variant"] == name
+    assert "under each step-order variant active here" in report.explain()
+
+
+def test_a_variant_indistinguishable_from_another_lists_both() -> None:
+    # without top_k, "top_p first" reads exactly like "top_p before min_p": the registry's first is named
+    spec = SamplingSpec(temperature=0.9, top_p=0.6, min_p=0.1)
+    variant = contract.VARIANTS["top_p first"]
+    inputs = _reported(build(spec, sequences=6), lambda s: variant.fn(s.raw_logits, s.sample.output_ids, spec, s.context))
+    report = check(inputs, spec)
+    failed(report, "semantic")
+    assert report.variant == "top_p before min_p"
+    assert "top_p first" in report.variant_ties
+    assert "indistinguishable here: 'top_p first'" in report.explain()
+
+
+def test_clean_samples_evaluate_no_variant_and_noise_names_none() -> None:
+    spec = SamplingSpec(temperature=0.9, top_p=0.6, min_p=0.1)
+    clean = check(build(spec), spec)
+    assert clean.passed and clean.alternatives == {} and clean.variant is None
+    noisy = lambda d, raw, g: d.logprobs + torch.randn(d.logprobs.shape, generator=g) * 1e-3  # noqa: E731
+    report = check(build(spec, noisy, sequences=6), spec)
+    failed(report, "inference-path")
+    assert report.variant is None and "top_p before min_p" in report.alternatives
