@@ -18,6 +18,16 @@ device() {
   python3 -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)" 2>&1 | tail -1
 }
 case "$step" in
+  flashinfer)
+    # FlashInfer's wheels (carried in .gpu/fi) for the cells that keep vLLM's defaults; its sampling
+    # kernels are JIT-compiled once in the background so that the engines find them cached.
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/fi/*.whl 2>&1 | grep -vi warn
+    timeout 60 python3 -c "import flashinfer, flashinfer.sampling; print('flashinfer', flashinfer.__version__)" 2>&1 | tail -2
+    setsid nohup timeout 900 python3 -c "
+import torch, flashinfer.sampling as s
+logits = torch.randn(16, 2048, device='cuda')
+print(s.top_k_top_p_sampling_from_logits(logits, 20, 0.9).shape)" > /tmp/flashinfer-jit.log 2>&1 &
+    ;;
   setup)
     cd /tmp/parts && cat q00 q01 q02 > b.tar && rm -rf /tmp/b /tmp/site && mkdir -p /tmp/b /tmp/site && tar -xf b.tar -C /tmp/b
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/b/*.whl 2>&1 | grep -vi warn
@@ -31,10 +41,9 @@ case "$step" in
     ;;
   findings)
     device > "$OUT/device.txt"
-    for script in docs/findings/*.py; do
-      grep -q "cuda" "$script" || continue
+    for script in docs/findings/vllm-0.26-*.py; do
       name=$(basename "$script" .py)
-      timeout 240 python3 "$script" > "$OUT/$name.log" 2>&1
+      timeout "${FINDINGS_BUDGET_S:-200}" python3 "$script" > "$OUT/$name.log" 2>&1
       echo "== $name (exit $?)"; grep -v " INFO \| WARNING " "$OUT/$name.log" | tail -n 40
     done
     ;;
@@ -44,7 +53,9 @@ case "$step" in
     device > "$work/device.txt"
     extra=()
     [ "$step" = suite ] && extra=(--parity-record-golden --parity-golden-dir "$work/golden")
-    [ "$step" = campaign ] && extra=(--parity-golden-dir golden)
+    # the campaign verifies the goldens the suite step recorded on this machine (or the committed ones)
+    golden=golden; [ -d /tmp/work-suite/golden ] && golden=/tmp/work-suite/golden
+    [ "$step" = campaign ] && extra=(--parity-golden-dir "$golden")
     PARITY_GPU_BUDGET_S=${PARITY_GPU_BUDGET_S:-560} bash scripts/gpu_ci.sh "$work" "${extra[@]}" "$@"
     code=$?
     tar -czf "$OUT/$step.tar.gz" -C "$work" .
