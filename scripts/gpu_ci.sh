@@ -23,6 +23,8 @@ timeout "${PARITY_GPU_BUDGET_S:-3600}" "$PY" -m pytest -p conformance.plugin con
   > "$OUT/suite.log" 2>&1
 code=$?
 wall=$(( $(date +%s) - start ))
+# a run stopped by the budget leaves the workers' own files: join them (the controller does this otherwise)
+for part in "$OUT"/gpu.jsonl.gw*; do [ -f "$part" ] && cat "$part" >> "$OUT/gpu.jsonl" && rm "$part"; done
 grep -v " INFO \| WARNING \|^(EngineCore\|^\[" "$OUT/suite.log" | tail -n 80
 "$PY" benchmarks/suite_profile.py --from "$OUT/gpu.jsonl" --junit "$OUT/junit.xml" --wall "$wall" \
   --workers "$WORKERS" --json "$OUT/profile.json" > "$OUT/profile.md" 2>&1

@@ -48,17 +48,35 @@ def pytest_configure(config: pytest.Config) -> None:
     parity = resolve_config(config)
     config.stash[CONFIG_KEY] = parity
     # Versions (and the device, which needs torch) are filled in by the first engine-backed test; the
-    # results file is opened on the first record. A pytest-xdist worker writes nothing itself: it hands
-    # its records to the controller (pytest_testnodedown), which writes the file and prints the table.
-    worker = hasattr(config, "workerinput")
-    config.stash[RECORDER_KEY] = Recorder(results_path=None if worker else parity.results)
+    # results file is opened on the first record. A pytest-xdist worker writes its records as they come to
+    # a file of its own beside the results file (kept even if the run is killed) and hands them to the
+    # controller at its end (pytest_testnodedown), which prints the table and joins the files.
+    results = parity.results
+    worker = getattr(config, "workerinput", {}).get("workerid")
+    if results is not None and worker:
+        results = worker_results(results, worker)
+    config.stash[RECORDER_KEY] = Recorder(results_path=results)
+
+
+def worker_results(results: Path, worker: str) -> Path:
+    """Where pytest-xdist worker ``worker`` writes its records: ``<results>.<worker>``."""
+    return results.with_name(f"{results.name}.{worker}")
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
     recorder = config.stash.get(RECORDER_KEY, None)
-    if hasattr(config, "workeroutput") and recorder is not None:
+    if recorder is None:
+        return
+    if hasattr(config, "workeroutput"):
         config.workeroutput["parity"] = recorder.payload()
+        return
+    results = config.stash[CONFIG_KEY].results
+    if results is not None:  # the controller of an xdist run: join the workers' files into the results file
+        for part in sorted(results.parent.glob(f"{results.name}.gw*")):
+            with results.open("a") as out:
+                out.write(part.read_text())
+            part.unlink()
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -67,7 +85,7 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
     payload = getattr(node, "workeroutput", {}).get("parity")
     recorder = node.config.stash.get(RECORDER_KEY, None)
     if payload and recorder is not None:
-        recorder.merge(payload)
+        recorder.merge(payload, write=False)  # the worker wrote its records itself
 
 
 def family_of(node: pytest.Item | pytest.Function | Any) -> str | None:
@@ -254,7 +272,7 @@ def parity(request: pytest.FixtureRequest, parity_runner: Any, parity_settings: 
     from conformance.plugin.fixture import Parity
 
     before, started = parity_runner.timings(), time.perf_counter()
-    yield Parity(parity_runner, parity_settings, parity_vocab, request.node.nodeid)
+    yield Parity(parity_runner, parity_settings, parity_vocab, request.node.nodeid, request.config.stash[CONFIG_KEY].diagnosis)
     after = parity_runner.timings()
     if parity_runner.recorder is not None:
         spent = {k: after[k] - before[k] for k in after}

@@ -70,22 +70,23 @@ class Recorder:
             default=str,
         )
 
-    def merge(self, payload: str) -> None:
-        """Take over a worker's :meth:`payload`: its records join this recorder's (and the results file)."""
+    def merge(self, payload: str, write: bool = True) -> None:
+        """Take over a worker's :meth:`payload`: its records join this recorder's (and, with ``write``, the
+        results file)."""
         data = json.loads(payload)
         if data.get("versions") and not self.versions:
             self.versions.update(data["versions"])
         for record in data.get("records", []):
             self.records.append(record)
-            self._write(record)
         for record in data.get("failures", []):
             self.failure_records.append(record)
             fields = {k: record.get(k) for k in ("cell", "params", "reason", "log_tail", "known")}
             self.engine_failures.append(EngineFailureRecord(**fields))
-            self._write(record)
         for record in data.get("timings", []):
             self.timing_records.append(record)
-            self._write(record)
+        if write:
+            for record in data.get("records", []) + data.get("failures", []) + data.get("timings", []):
+                self._write(record)
 
     def _write(self, record: dict[str, Any]) -> None:
         if self.results_path is None:
