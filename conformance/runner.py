@@ -92,9 +92,17 @@ class ParityRunner:
             self.seconds["generate"] += time.perf_counter() - started
 
     def judge(
-        self, requests: Sequence[Request], samples: Sequence[Sequence[Sample]], test: str = "", reference: Reference | None = None
+        self,
+        requests: Sequence[Request],
+        samples: Sequence[Sequence[Sample]],
+        test: str = "",
+        reference: Reference | None = None,
+        *,
+        record: bool = True,
     ) -> ParityReport:
-        """Score the engine's samples with the reference (or ``reference``) and the contract; record it."""
+        """Score the engine's samples with the reference (or ``reference``) and the contract; record it
+        (``record=False``: the caller records it later with :meth:`record`, or never, as for the re-runs
+        of a diagnosis)."""
         engine = self.engine
         report = judge_samples(
             requests,
@@ -116,14 +124,19 @@ class ParityRunner:
             rows = sum(len(group) for group in samples)
             finding = covering_finding(name, version, report.spec, self.cell.tier, rows, self.findings)
             report.known = finding.explanation if finding is not None else None
-        if self.recorder is not None:
-            self.recorder.add(test, report)
+        if record:
+            self.record(test, report)
         return report
 
-    def run(self, case: Case, test: str = "") -> ParityReport:
-        """Generate the case on the engine, then judge it."""
+    def record(self, test: str, report: ParityReport) -> None:
+        """Keep ``report`` in the session's records (the summary table and ``--parity-results``)."""
+        if self.recorder is not None:
+            self.recorder.add(test, report)
+
+    def run(self, case: Case, test: str = "", *, record: bool = True) -> ParityReport:
+        """Generate the case on the engine, then judge it (see :meth:`judge` for ``record``)."""
         requests = self.requests(case)
-        return self.judge(requests, self.generate(requests), test)
+        return self.judge(requests, self.generate(requests), test, record=record)
 
     def known_finding(self, failure: EngineFailure) -> KnownFinding | None:
         """The known engine finding ``failure`` is, for this engine and version (None: a new failure)."""

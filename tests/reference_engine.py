@@ -5,6 +5,10 @@ registers :func:`factory` under a name with :func:`conformance.engines.registry.
 in a matrix cell's ``engine`` key, and runs the suite's own tests against it through the plugin. Being
 the contract applied to the reference itself, it must pass every check it supports; it has none of the
 optional capabilities (no prefix cache, no workers), so the tests that need them skip with the reason.
+
+A cell whose ``env`` sets ``REFERENCE_ENGINE_VARIANT`` to a :data:`conformance.contract.VARIANTS` name gets
+an engine that samples and reports under that step-order variant instead of the contract: a vLLM-free
+engine with a known semantic bug, for the diagnosis tests (tests/test_diagnosis.py).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ class ReferenceEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cell = cell
+        variant = cell.env.get("REFERENCE_ENGINE_VARIANT")
+        self.order = contract.VARIANTS[variant].order if variant else contract.CONTRACT_ORDER
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
 
@@ -64,7 +70,7 @@ class ReferenceEngine:
         for _ in range(spec.max_tokens):
             rows.append(self._logits(list(request.prompt_ids) + output))
             raw = torch.stack(rows)
-            dist = contract.processed_distribution(raw, output + [0], spec, context)
+            dist = contract.processed_distribution(raw, output + [0], spec, context, order=self.order)
             values = contract.mode_values(dist, raw, self.cell.logprobs_mode)[-1]
             probs = torch.softmax(dist.scaled[-1].masked_fill(~dist.kept[-1], float("-inf")), dim=-1)
             token = int(probs.argmax()) if spec.greedy else int(torch.multinomial(probs, 1, generator=generator))

@@ -11,6 +11,12 @@ In the shape of pytest-regressions' fixtures: the suite's tests (and users' own)
 * ``parity.assert_passed(report)`` / ``parity.assert_paths(comparison)``: fail with the verdict's
   ``explain()`` (helpers hide themselves from tracebacks).
 
+Diagnosis: a check that is about to fail the test (hypothesis' final replay of the minimal failing example,
+or a plain test's check) is diagnosed before it is recorded (:mod:`conformance.diagnosis`): the same
+requests are re-run with its sampling parameters reset to find the minimal failing set, and with
+``--parity-repro-dir`` an upstream reproduction script is written; ``explain()`` and the results record
+then carry both. Passing checks, and failing examples hypothesis is still shrinking, cost nothing extra.
+
 Test identity comes from ``request.node`` (the records name the test node; nothing is hand-typed) and
 every property gets its own hypothesis example-database key, ``nodeid`` (which includes the cell), so a
 failure saved in one test or cell is replayed there and nowhere else.
@@ -23,6 +29,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
+from conformance.diagnosis import DiagnosisSettings, diagnose, in_final_run
 from conformance.engines.base import Engine, EngineFailure, Request, Sample
 from conformance.runner import describe_case
 
@@ -68,22 +75,56 @@ def database_key(test: Callable[..., Any], key: str) -> Callable[..., Any]:
     return test
 
 
+def diagnose_failure(
+    runner: ParityRunner, requests: Sequence[Request], report: ParityReport, diagnosis: DiagnosisSettings, test: str
+) -> None:
+    """Diagnose ``report`` (see :func:`conformance.diagnosis.diagnose`) if it is a failure no known finding
+    covers; a failure of the diagnosis itself becomes a line of the report, never a different error."""
+    if report.passed or report.known is not None or not diagnosis.active:
+        return
+    try:
+        diagnose(runner, requests, report, diagnosis, test)
+    except Exception as exc:  # noqa: BLE001 - the check's own failure must still be what the test reports
+        report.reasons.append(f"(diagnosis failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+
+
+def judge_final(
+    runner: ParityRunner,
+    requests: Sequence[Request],
+    samples: Sequence[Sequence[Sample]],
+    test: str,
+    diagnosis: DiagnosisSettings,
+) -> ParityReport:
+    """``runner.judge`` that diagnoses a failure the test will report before the check is recorded (so its
+    record carries the diagnosis); any other check is judged and recorded as usual."""
+    final = diagnosis.active and in_final_run()
+    report = runner.judge(requests, samples, test, record=not final)
+    if final:
+        diagnose_failure(runner, requests, report, diagnosis, test)
+        runner.record(test, report)
+    return report
+
+
 def check_cases(
     runner: ParityRunner,
     cases: st.SearchStrategy[Case],
     settings: Any,
     test: str,
     extra: Callable[[Case, ParityReport], None] | None = None,
+    diagnosis: DiagnosisSettings | None = None,
 ) -> None:
     """Property: for every drawn case the engine agrees with the contract (and ``extra`` holds).
 
     ``test`` names the check in the records and keys hypothesis' example database. An unknown engine
     failure stops the property and fails the test as an engine finding; a known finding (see
     :mod:`conformance.findings`) is recorded with its parameters, the engine restarted and the property
-    goes on (at most :data:`MAX_KNOWN_FINDING_RESTARTS` times).
+    goes on (at most :data:`MAX_KNOWN_FINDING_RESTARTS` times). ``diagnosis`` (default: on) says what the
+    failing example hypothesis reports gets before the test fails (see :func:`judge_final`).
     """
     __tracebackhide__ = True
     from hypothesis import given, note
+
+    diagnosis = diagnosis if diagnosis is not None else DiagnosisSettings()
 
     failures: list[EngineFailureRecord] = []
     known: list[EngineFailureRecord] = []
@@ -95,7 +136,8 @@ def check_cases(
         if failures or len(known) > MAX_KNOWN_FINDING_RESTARTS:
             return
         try:
-            report = runner.run(case, test)
+            requests = runner.requests(case)
+            report = judge_final(runner, requests, runner.generate(requests), test, diagnosis)
         except EngineFailure as exc:
             record = runner.engine_failure(describe_case(case), exc, test)
             (known if record.known else failures).append(record)
@@ -121,8 +163,12 @@ def check_cases(
 class Parity:
     """The ``parity`` fixture's object: a cell's runner bound to one test node."""
 
-    def __init__(self, runner: ParityRunner, settings: Any, vocab: Vocabulary, test: str) -> None:
+    def __init__(
+        self, runner: ParityRunner, settings: Any, vocab: Vocabulary, test: str, diagnosis: DiagnosisSettings | None = None
+    ) -> None:
         self.runner = runner
+        self.diagnosis = diagnosis if diagnosis is not None else DiagnosisSettings()
+        """What a failing check gets before the test fails (``--parity-diagnose``, ``--parity-repro-dir``)."""
         self.settings = settings
         """The hypothesis settings of the session's profile."""
         self.vocab = vocab
@@ -166,11 +212,13 @@ class Parity:
         return self.runner.generate(requests)
 
     def judge(self, requests: Sequence[Request], samples: Sequence[Sequence[Sample]]) -> ParityReport:
-        """The verdict on ``samples``, recorded under this test."""
-        return self.runner.judge(requests, samples, self.test)
+        """The verdict on ``samples``, recorded under this test; a failure the test will report is
+        diagnosed first (see :func:`judge_final`)."""
+        return judge_final(self.runner, requests, samples, self.test, self.diagnosis)
 
     def run(self, case: Case) -> ParityReport:
-        return self.runner.run(case, self.test)
+        requests = self.runner.requests(case)
+        return self.judge(requests, self.runner.generate(requests))
 
     def check(
         self,
@@ -181,7 +229,9 @@ class Parity:
     ) -> None:
         """Every drawn case passes the contract (and ``extra``); see :func:`check_cases`."""
         __tracebackhide__ = True
-        check_cases(self.runner, cases, settings if settings is not None else self.settings, self.test, extra)
+        check_cases(
+            self.runner, cases, settings if settings is not None else self.settings, self.test, extra, self.diagnosis
+        )
 
     def given(self, *, settings: Any = None, **strategies: Any) -> Callable[[Callable[..., None]], Callable[[], None]]:
         """Decorate a property: hypothesis ``@given(**strategies)`` under the profile's (or ``settings``)

@@ -15,7 +15,9 @@ from typing import Any, cast
 
 import pytest
 
+from conformance.ablation import DEFAULT_MAX_CALLS
 from conformance.bundled import CPU_MATRIX, DEFAULT_PROMPTS
+from conformance.diagnosis import DiagnosisSettings
 from conformance.matrix import Cell, MatrixError, load_matrix, select_cells
 from conformance.plugin.profiles import PROFILES
 from conformance.spec import TRAINER_SEMANTICS, TrainerSemantics
@@ -33,6 +35,9 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("engine", {"default": "", "help": "engine for every cell: a registered engine name or module:factory, factory(cell, model_path) -> Engine (default: each cell's `engine`)"}),
     ("trainer-fn", {"default": "", "help": "module:function giving your trainer's logits, fn(sequences[, model_path]) -> [len(completion), vocab] fp32 per sequence; replaces the HF fp32 reference"}),
     ("results", {"default": "", "help": "append one JSON record per check to this file"}),
+    ("diagnose", {"default": "on", "help": "on a failing check, re-run it with each sampling parameter reset to find the minimal failing set (on/off; costs nothing on passing checks)"}),
+    ("diagnose-calls", {"default": str(DEFAULT_MAX_CALLS), "help": "engine re-runs one failing check's diagnosis may spend"}),
+    ("repro-dir", {"default": "", "help": "a failing check writes a self-contained upstream reproduction script (vLLM + fp32 HF, no kit import) into this directory"}),
     ("device", {"default": "", "help": "reference device (default: cuda when available, else cpu)"}),
     ("repeat", {"default": "1", "help": "run each parity test this many times in one session (fresh hypothesis data each time, engines started once): repeated clean runs for a false-positive rate"}),
     ("cache-dir", {"default": "", "help": "where built model variants are cached (default: pytest's cache)"}),
@@ -40,7 +45,7 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("findings", {"default": "", "help": "known-findings TOML file (default: the kit's own fixtures/known_findings.toml)"}),
     ("engines-alive", {"default": "2", "help": "engines kept running at once per session (one per engine configuration; the least recently used one is stopped)"}),
 ]
-_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+_BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
 @dataclass
@@ -64,6 +69,9 @@ class ParityConfig:
     """Where model variants are built (None: pytest's cache directory)."""
     golden_dir: Path = Path("golden")
     record_golden: bool = False
+    diagnosis: DiagnosisSettings = field(default_factory=DiagnosisSettings)
+    """``--parity-diagnose`` / ``--parity-diagnose-calls`` / ``--parity-repro-dir``: what a failing check does
+    before it fails (:mod:`conformance.diagnosis`)."""
     engine: Any = None
     """``--parity-engine``: a registry name or a factory ``(cell, model_path) -> Engine``; None: each cell's."""
     trainer_fn: Any = None
@@ -133,6 +141,7 @@ def resolve_config(config: pytest.Config) -> ParityConfig:
     alive = values["engines-alive"]
     if not alive.isdigit() or int(alive) < 1:
         raise pytest.UsageError(f"--parity-engines-alive {alive!r}: expected a positive integer")
+    diagnosis = _diagnosis(values["diagnose"], values["diagnose-calls"], values["repro-dir"])
     examples = values["examples"]
     if examples and not (examples.isdigit() and int(examples) > 0):
         raise pytest.UsageError(f"--parity-examples {examples!r}: expected a positive integer")
@@ -158,6 +167,7 @@ def resolve_config(config: pytest.Config) -> ParityConfig:
         shrink=_boolean(values["shrink"], "--parity-shrink"),
         prompts=Path(values["prompts"]),
         results=Path(values["results"]) if values["results"] else None,
+        diagnosis=diagnosis,
         device=values["device"],
         cache_dir=cache_dir,
         golden_dir=Path(values["golden-dir"]) if values["golden-dir"] else config.rootpath / "golden",
@@ -183,6 +193,19 @@ def resolve_config(config: pytest.Config) -> ParityConfig:
     except SessionError as exc:
         raise pytest.UsageError(f"--parity-prompts: {exc}") from None
     return parity
+
+
+def _diagnosis(enabled: str, calls: str, repro_dir: str) -> DiagnosisSettings:
+    """``--parity-diagnose`` (on/off), ``--parity-diagnose-calls`` (a positive integer) and
+    ``--parity-repro-dir`` (a directory, made on the first failure; must not be an existing file)."""
+    if enabled.lower() not in _BOOLEANS:
+        raise pytest.UsageError(f"--parity-diagnose {enabled!r}: expected on or off")
+    if not calls.isdigit() or int(calls) < 1:
+        raise pytest.UsageError(f"--parity-diagnose-calls {calls!r}: expected a positive integer")
+    directory = Path(repro_dir).expanduser() if repro_dir else None
+    if directory is not None and directory.exists() and not directory.is_dir():
+        raise pytest.UsageError(f"--parity-repro-dir {repro_dir!r}: exists and is not a directory")
+    return DiagnosisSettings(enabled=_BOOLEANS[enabled.lower()], max_calls=int(calls), repro_dir=directory)
 
 
 def _load(spec: str, option: str) -> Any:

@@ -1,6 +1,7 @@
 """Markdown summary of parity results, fit for a CI job summary (``$GITHUB_STEP_SUMMARY``).
 
-Sections, most urgent first: failures (cell, test, params, layer, reasons, worst token), a per-cell
+Sections, most urgent first: failures (cell, test, params, layer, reasons, the step-order variant the
+values match, the ablation's minimal failing parameters and the reproduction script, worst token), a per-cell
 table of the latest run (failing cells first), the golden drift table when the run verified goldens,
 the worst tokens overall, a comparison across runs when several are given, and the plots.
 """
@@ -36,9 +37,17 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def _failures(run: Run, limit: int = 20) -> list[str]:
     lines: list[str] = []
     failed, seen = [], set()
+    # hypothesis replays a failing example once more: report each distinct failure once, and by the record
+    # of its diagnosed replay (ablation, reproduction) rather than the undiagnosed first run of it
+    diagnosed = {
+        (r.get("cell"), r.get("test"), str(r.get("params")))
+        for r in run.checks
+        if not r.get("passed", True) and (r.get("ablation") or r.get("repro"))
+    }
     for r in run.checks:
-        # hypothesis replays a failing example once more: report each distinct failure once
         key = (r.get("cell"), r.get("test"), str(r.get("params")), tuple(r.get("reasons") or ()))
+        if key[:3] in diagnosed and not (r.get("ablation") or r.get("repro")):
+            continue
         if not r.get("passed", True) and not r.get("known") and key not in seen:
             seen.add(key)
             failed.append(r)
@@ -49,6 +58,17 @@ def _failures(run: Run, limit: int = 20) -> list[str]:
         )
         for reason in (record.get("reasons") or [])[:3]:
             lines.append(f"  - {reason}")
+        if record.get("variant"):
+            lines.append(f"  - step-order variant the values match: `{record['variant']}`")
+        ablation = record.get("ablation")
+        if isinstance(ablation, dict):
+            minimal = ", ".join(ablation.get("minimal") or []) or "none (fails with every sampling parameter at its default)"
+            lines.append(f"  - minimal failing parameters: {minimal}; {ablation.get('summary', '')}")
+            table = ablation.get("one_at_a_time") or {}
+            if table:
+                lines.append("  - one at a time: " + ", ".join(f"{k} reset: {v}" for k, v in table.items()))
+        if record.get("repro"):
+            lines.append(f"  - upstream reproduction: `python {record['repro']}`")
         worst = (record.get("worst") or [None])[0]
         if worst:
             lines.append(
