@@ -496,8 +496,8 @@ def _matching_alternative(report: ParityReport, target: Target, tolerance: Toler
         variant = contract.VARIANTS[name]
         report.variant, report.variant_ties = name, others
         text = (
-            f"the engine's values match the step-order variant {name!r} (contract step {variant.step}: "
-            f"{variant.description}; max |Δ| {value:.3g}) instead of the contract's {own!r} (max |Δ| {own_value:.3g})"
+            f"the engine's values match the step-order variant {name!r} ({variant.description}; max |Δ| "
+            f"{value:.3g}) instead of the contract's {own!r} (max |Δ| {own_value:.3g})"
         )
     else:
         text = (

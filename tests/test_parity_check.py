@@ -312,7 +312,7 @@ def test_values_of_a_step_order_variant_name_it(name: str, spec: SamplingSpec) -
     report = check(inputs, spec)
     why = failed(report, "semantic")
     assert report.variant == name, report.explain()
-    assert f"step-order variant {name!r} (contract step {variant.step}" in why
+    assert f"step-order variant {name!r} ({variant.description}" in why and f"step {variant.step}" in why
     assert report.alternatives[name] <= 1e-5
     assert report.as_record()["variant"] == name
     assert "under each step-order variant active here" in report.explain()
