@@ -19,12 +19,14 @@ leaves a half-written file. Every problem with a golden (missing, corrupt, incom
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,8 +244,26 @@ class GoldenStore:
         path = file_for(self.root, model, cell, case_name)
         data = encode_case(case)
         atomic_write_bytes(path, data)
-        manifest = self.manifest()
-        manifest["entries"][entry_key(model, cell, case_name)] = {
+        with self._manifest_lock():  # pytest-xdist workers record cells side by side into one manifest
+            manifest = self.manifest()
+            manifest["entries"][entry_key(model, cell, case_name)] = self._entry(path, data, case, case_name, info)
+            manifest["entries"] = dict(sorted(manifest["entries"].items()))
+            atomic_write_bytes(self.manifest_path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+        return path
+
+    @contextlib.contextmanager
+    def _manifest_lock(self) -> Iterator[None]:
+        """An exclusive lock on ``<root>/.manifest.lock`` around the manifest's read-modify-write."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".manifest.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _entry(self, path: Path, data: bytes, case: GoldenCase, case_name: str, info: Mapping[str, Any]) -> dict[str, Any]:
+        return {
             **info,
             "file": path.relative_to(self.root).as_posix(),
             "sha256": hashlib.sha256(data).hexdigest(),
@@ -251,9 +271,6 @@ class GoldenStore:
             "case": case_name,
             "sampling": case.spec.to_kwargs(),
         }
-        manifest["entries"] = dict(sorted(manifest["entries"].items()))
-        atomic_write_bytes(self.manifest_path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
-        return path
 
     def read(self, model: str, cell: str, case_name: str, expect: Mapping[str, Any]) -> tuple[GoldenCase, dict[str, Any]]:
         """Load one entry, checking it exists, its hash, and that ``expect``'s keys equal the entry's.

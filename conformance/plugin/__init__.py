@@ -30,6 +30,7 @@ MARKERS = {
     "selftest": "the kit's own fault-injection self-tests (start real engines)",
     "family": "family(name): the test family; a cell's `families` key selects which families it runs",
     "golden": "golden-tensor verification of the cell's engine (select with -m golden; record with --parity-record-golden)",
+    "xdist_group": "xdist_group(name): pytest-xdist --dist loadgroup runs a group in one worker (the kit groups by cell)",
 }
 
 CONFIG_KEY = pytest.StashKey[ParityConfig]()
@@ -109,7 +110,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     params = []
     for cell in parity.selected_cells():
         if cell.runs(family):
-            marks = [pytest.mark.gpu] if cell.tier == "gpu" else []
+            # xdist_group: with --dist loadgroup a cell's tests run in one worker (its engine starts once);
+            # set at parametrization, before pytest-xdist reads the groups in its own collection hook.
+            marks = [pytest.mark.xdist_group(cell.id), *([pytest.mark.gpu] if cell.tier == "gpu" else [])]
             params.append(pytest.param(cell, id=cell.id, marks=marks))
     if not params:
         params = [pytest.param(None, id="no-cell", marks=pytest.mark.skip(reason="no cell of the matrix fits this test"))]
@@ -127,25 +130,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         family_of(item)
     if any("cell" in getattr(item, "fixturenames", ()) for item in items):
         check_models(config.stash[CONFIG_KEY])
-    if config.pluginmanager.hasplugin("xdist"):
-        for item in items:
-            group = engine_group(item)
-            if group is not None:
-                item.add_marker(pytest.mark.xdist_group(group))
-
-
-def engine_group(item: pytest.Item) -> str | None:
-    """The xdist group of a test: the cell whose engine it uses (``--dist loadgroup`` then runs each cell's
-    tests in one worker, so an engine starts once and workers run different cells side by side); a test of
-    a cell pair goes with the second cell of the pair."""
-    params = getattr(getattr(item, "callspec", None), "params", {})
-    cell = params.get("cell")
-    if isinstance(cell, Cell):
-        return cell.id
-    pair = params.get("pair")
-    if isinstance(pair, tuple) and len(pair) > 1 and isinstance(pair[1], Cell):
-        return pair[1].id
-    return None
 
 
 # -- fixtures -----------------------------------------------------------------------------------------
@@ -231,12 +215,13 @@ def parity_engine(cell: Cell, parity_session: Any, parity_model_path: Path) -> A
 
 
 @pytest.fixture(scope="session")
-def parity_runner(parity_engine: Any, parity_session: Any) -> Any:
-    """A :class:`~conformance.runner.ParityRunner` for the current cell."""
+def parity_runner(cell: Cell, parity_engine: Any, parity_session: Any) -> Any:
+    """A :class:`~conformance.runner.ParityRunner` for the current cell (on the pooled engine, which may
+    have been started for another cell of the same configuration: the verdicts are this cell's)."""
     from conformance.session import SessionError
 
     try:
-        return parity_session.runner(parity_engine.cell, parity_engine)
+        return parity_session.runner(cell, parity_engine)
     except SessionError as exc:
         pytest.fail(str(exc), pytrace=False)
 

@@ -68,7 +68,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     seen = {c.id for c in selected}
     cells = selected + [c for c in load_matrix(GPU_MATRIX) if c.id not in seen]
     pairs = switch_pairs(cells)
-    params = [pytest.param(p, id=f"{p[0].id}-vs-{p[1].id}") for p in pairs]
+    # xdist_group: the pair runs in the worker that owns its second cell, whose engine it then reuses.
+    params = [pytest.param(p, id=f"{p[0].id}-vs-{p[1].id}", marks=pytest.mark.xdist_group(p[1].id)) for p in pairs]
     if not params:
         params = [pytest.param(None, id="no-pair", marks=pytest.mark.skip(reason="no pair of cells differs in one execution switch"))]
     metafunc.parametrize("pair", params)
