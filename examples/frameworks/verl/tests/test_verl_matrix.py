@@ -1,0 +1,28 @@
+"""The verl matrix on real engines: verl's rollout settings (framework_defaults.toml rows) x the cells of
+parity_matrix.toml -> the kit's verdict must be the row's (pass, or the named layer and cause).
+
+Also records verl's own numbers on the same samples (``trainer_fn.verl_per_token_logps`` vs the engine's
+sampled values) and the IS diagnostics verl / TRL / NeMo-RL would log (PARITY_FRAMEWORK_RESULTS=...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trainer_fn
+from parity_rows import DEFAULTS, ROWS, check_expectation, run_row
+
+pytestmark = pytest.mark.parity
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r["id"] for r in ROWS])
+def test_row(row: dict[str, Any], parity_runner: Any, parity_model_path: Path, pytestconfig: pytest.Config) -> None:
+    if parity_runner.cell.id not in row["expect"]:
+        pytest.skip(f"row {row['id']!r} does not run on cell {parity_runner.cell.id!r}")
+    declared = pytestconfig.getoption("parity_trainer") or pytestconfig.getini("parity_trainer")
+    result = run_row(row, parity_runner, parity_model_path, trainer_fn.trainer_logits, declared,
+                     trainer_fn.verl_per_token_logps, "verl", DEFAULTS["framework"]["version"])
+    print(f"{row['id']} on {result.cell}: {result.verdict}; kit: {result.kit_metrics}; {result.rl_summary}")
+    check_expectation(row, result)
