@@ -34,6 +34,7 @@ from conformance.metrics import ParityMetrics, bias_excess, compute_metrics
 from conformance.tolerances import Tolerance
 
 if TYPE_CHECKING:
+    from conformance.rl_metrics import RLFrameworkMetrics
     from conformance.diagnosis import Diagnosis
 
 Layer = Literal["semantic", "inference-path", "objective", "engine"]
@@ -118,8 +119,24 @@ class ParityReport:
     def worst(self, count: int = 5) -> list[TokenRow]:
         return sorted(self.rows, key=lambda r: -r.excess)[:count]
 
+    def rl_metrics(self) -> RLFrameworkMetrics | None:
+        """What TRL, verl and NeMo-RL would log for these sampled tokens (Δ = expected − engine per
+        sequence, finite values only; :mod:`conformance.rl_metrics`), None when nothing was compared."""
+        from conformance.rl_metrics import rl_framework_metrics
+
+        per_seq: dict[int, tuple[list[float], list[float]]] = {}
+        for r in self.rows:
+            if r.kind == "sampled" and math.isfinite(r.engine) and math.isfinite(r.expected):
+                expected, engine = per_seq.setdefault(r.sequence, ([], []))
+                expected.append(r.expected)
+                engine.append(r.engine)
+        if not per_seq:
+            return None
+        return rl_framework_metrics([e for e, _ in per_seq.values()], [g for _, g in per_seq.values()])
+
     def as_record(self) -> dict[str, object]:
         """A JSON-ready summary (no per-token rows beyond the worst five)."""
+        rl = self.rl_metrics()
         return {
             "cell": self.cell,
             "params": self.spec.to_kwargs(),
@@ -139,6 +156,7 @@ class ParityReport:
             "tolerance": self.tolerance.__dict__,
             "worst": [r.__dict__ | {"excess": r.excess} for r in self.worst()],
             "tokens": self.token_series(),
+            "rl": rl.columns() if rl is not None else None,
         }
 
     def token_series(self) -> dict[str, list[float]]:
@@ -177,6 +195,9 @@ class ParityReport:
             f"  metrics over {self.sequences} sequences: {self.metrics.summary()} "
             f"top-n max|Δ|={self.top_max_abs:.3g} boundary tokens={self.boundary_tokens}"
         )
+        rl = self.rl_metrics() if not self.passed else None
+        if rl is not None:
+            lines.append(f"  what RL frameworks would log: {rl.summary()}")
         if self.residual.n and self.residual.mean_abs != self.metrics.mean_abs:
             lines.append(
                 f"  residuals (distance to the legitimate range, what the tolerance bounds): "

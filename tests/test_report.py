@@ -42,6 +42,9 @@ def test_table_aggregates_per_cell_and_lists_engine_failures() -> None:
     assert math.isclose(rows["b"]["tol used"], 1e-3 / (1e-4 / 0.7), rel_tol=1e-3)
     assert rows["a"]["tol used"] < 1
     assert np.isclose(rows["b"]["meanΔ"], -1e-3, rtol=1e-3)
+    # the RL frameworks' diagnostics of the same tokens: NeMo-RL's mean exp|Δ| with every |Δ| = 1e-3
+    assert np.isclose(rows["b"]["NeMo mult"], math.exp(1e-3), rtol=1e-6) and rows["a"]["NeMo mult"] == 1.0
+    assert rows["b"]["TRL>cap"] == 0.0 and np.isclose(rows["b"]["IS ESS"], 1.0, atol=1e-6)
     table = summary_table(recorder)
     assert table.splitlines()[0].startswith("| cell") and "tol used" in table.splitlines()[0]
     assert "known engine finding some-finding in b: engine died (params: params)" in table

@@ -14,12 +14,16 @@ from typing import Any
 
 COLUMNS = (
     "cell", "checks", "failed", "known", "layers", "tokens", "max|Δ|", "tol used", "mean|Δ|", "meanΔ", "k3", "boundary",
-    "engine fails",
+    "NeMo mult", "TRL>cap", "χ² seq", "IS ESS", "engine fails",
 )
 """max|Δ|, mean|Δ|, meanΔ and k3 are over the point values of the sampled tokens (what a trainer sees);
 "tol used" is the verdict's margin: the largest distance of any returned value (sampled or top-n) from its
 legitimate range, as a fraction of the check's ``max_abs`` (scaled by 1/T below T = 1); above 1 fails.
-"failed" counts failed checks no known finding explains, "known" those a known divergence finding covers."""
+"failed" counts failed checks no known finding explains, "known" those a known divergence finding covers.
+The RL frameworks' own diagnostics over the same tokens (:mod:`conformance.rl_metrics`), worst check of the
+cell: "NeMo mult" NeMo-RL's token_mult_prob_error (max; its gate is 1.05), "TRL>cap" the fraction of TRL's
+importance ratios beyond its cap (max), "χ² seq" verl's sequence-level chi² (max), "IS ESS" verl's
+effective sample size of the IS weights (min)."""
 
 Record = Mapping[str, Any]
 
@@ -77,6 +81,12 @@ def cell_rows(checks: Iterable[Record], failures: Iterable[Record] = (), by_seri
             return sum(values) / total
 
         maxima = [_number((r.get("metrics") or {}).get("max_abs")) for r, w in zip(records, weights) if w]
+        rl = [r["rl"] for r in records if isinstance(r.get("rl"), dict)]
+
+        def worst(key: str, pick: Any = max, rl: list[dict[str, Any]] = rl) -> float:
+            values = [_number(x.get(key)) for x in rl if math.isfinite(_number(x.get(key)))]
+            return float(pick(values)) if values else math.nan
+
         rows.append({
             "cell": cell,
             "comparison": series,
@@ -91,6 +101,10 @@ def cell_rows(checks: Iterable[Record], failures: Iterable[Record] = (), by_seri
             "meanΔ": weighted("mean_signed"),
             "k3": weighted("k3_kl"),
             "boundary": sum(int(r.get("boundary_tokens", 0) or 0) for r in records),
+            "NeMo mult": worst("nemo_mult_prob_error"),
+            "TRL>cap": worst("trl_frac_over_cap"),
+            "χ² seq": worst("verl_chi2_seq"),
+            "IS ESS": worst("verl_is_ess", min),
             "engine fails": fails.get(cell, 0) if series == "parity" else 0,
         })
     return rows
