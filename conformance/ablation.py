@@ -69,6 +69,12 @@ class Ablation:
     trials: list[tuple[tuple[str, ...], Outcome]] = field(default_factory=list)
     """Every kept-parameter set tried, in order, with its outcome."""
 
+    @property
+    def consistent(self) -> bool:
+        """Whether every re-run that kept the whole minimal set failed (a noise-level failure that comes
+        and goes at random rarely is)."""
+        return all(outcome == "failed" for kept, outcome in self.trials if set(self.minimal) <= set(kept))
+
     def summary(self) -> str:
         """One sentence, e.g. "fails only while min_p=0.5 and top_p=0.5 are both set; passes with either
         removed (4 engine re-runs)"."""

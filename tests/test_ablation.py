@@ -55,6 +55,7 @@ def test_pair_interaction_is_found_and_said() -> None:
     assert result.calls == len(seen) == 6 + 1 + 2  # one at a time, the needed pair, each half of it
     for spec in seen:  # generation parameters never touched
         assert (spec.seed, spec.n, spec.max_tokens, spec.logprobs) == (4, 2, 2, 2)
+    assert result.consistent
     text = result.summary()
     assert text.startswith("fails only while min_p=0.5 and top_p=0.5 are both set; passes with either removed")
     assert "still fails with temperature, top_k, logit_bias, frequency_penalty removed" in text
@@ -136,3 +137,15 @@ def test_as_record_carries_the_table(calls: int) -> None:
     record = result.as_record()
     assert set(record) == {"fields", "minimal", "proven", "one_at_a_time", "calls", "summary"}
     assert record["calls"] == min(calls, 9)
+
+
+def test_a_check_failing_at_random_is_not_consistent() -> None:
+    """Outcomes that do not follow the parameters (here: fails iff an even number of them is set): ddmin
+    still returns a 1-minimal set, but some re-run that kept it passed, so it is not called consistent
+    and the diagnosis does not reclass the failure as parameter-dependent."""
+    def outcome(spec: SamplingSpec) -> Outcome:
+        return "failed" if len(ablated_fields(spec)) % 2 == 0 else "passed"
+
+    result = ablate(FAILING, outcome)
+    assert len(result.minimal) == 2 and result.proven
+    assert not result.consistent
