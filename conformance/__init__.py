@@ -9,6 +9,10 @@ Public API for custom tests (the suite under :mod:`conformance.suite` is built f
 * :func:`check_parity` / :func:`assert_parity`: judge engine samples against the contract over the fp32
   reference and explain the verdict (layer, worst tokens, metrics).
 * :func:`compute_metrics`: the RL metrics of Δ = trainer − engine.
+* Diagnosis of a failure: :data:`VARIANTS` (step-order variants of the contract's steps a failure can be
+  explained by), :func:`ablate` (which sampling parameters it needs), :func:`diagnose` /
+  :class:`DiagnosisSettings` (what the ``parity`` fixture runs on a failing check) and :func:`write_repro`
+  (the self-contained upstream reproduction script).
 * :class:`ParitySession`, :class:`ParityRunner`, :class:`EngineHandle`, :class:`HFReference`: drive an
   engine and the reference; :func:`judge_samples`: the one judge pipeline every verdict goes through.
 * :class:`Parity`: the ``parity`` fixture's object (``parity.check(strategy)``, ``parity.judge(...)``).
@@ -34,6 +38,11 @@ _EXPORTS = {
     "TokenContext": "conformance.spec",
     "objective_mismatch": "conformance.contract",
     "processed_distribution": "conformance.contract",
+    "VARIANTS": "conformance.contract",
+    "ablate": "conformance.ablation",
+    "diagnose": "conformance.diagnosis",
+    "DiagnosisSettings": "conformance.diagnosis",
+    "write_repro": "conformance.repro",
     "ParityMetrics": "conformance.metrics",
     "compute_metrics": "conformance.metrics",
     "ParityReport": "conformance.parity",
