@@ -9,8 +9,13 @@ Two kinds, in ``fixtures/known_findings.toml``:
       id = "vllm-cpu-seeded-split-prefill"
       engine = "vllm"
       versions = ">=0.32,<0.33"      # PEP 440 specifier of the engine version
-      match = "CPU Generator does not use offset"   # substring of the reason or log tail (or a list: any)
+      match = "CPU Generator does not use offset"   # substring of the reason or the call's log (or a list: any)
       summary = "..."
+
+  ``fatal = true``: the engine configuration cannot serve *any* request once this happens (e.g. it dies at
+  its first request whatever the request): it is not restarted, and the cell's later checks are reported as
+  blocked by the finding at once (:meth:`conformance.engines.handle.EngineHandle.block`) instead of costing
+  an engine start each.
 
 * ``divergence``: logprobs that break the contract under a sampling-parameter condition, ``when``, a
   small boolean expression over the request's :class:`~conformance.spec.SamplingSpec` fields (a set
@@ -60,6 +65,8 @@ class KnownFinding:
     when: str = ""
     reproduction: str = ""
     """Path (in the repository) of the standalone reproduction script."""
+    fatal: bool = False
+    """A crash after which the engine configuration serves nothing (not restarted; later checks blocked)."""
 
     def applies_to(self, engine: str, version: str | None) -> bool:
         if engine != self.engine or version is None:
@@ -133,6 +140,8 @@ def load_known_findings(path: Path = KNOWN_FINDINGS) -> list[KnownFinding]:
             check_expression(finding.when, where)
         elif not finding.match:
             raise ValueError(f"{where}: a crash finding needs match = the text that recognises it")
+        if not isinstance(finding.fatal, bool) or (finding.fatal and finding.kind != "crash"):
+            raise ValueError(f"{where}: fatal must be true or false, and only a crash finding can be fatal")
     return findings
 
 

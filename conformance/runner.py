@@ -59,6 +59,8 @@ class ParityRunner:
         self.trainer = trainer
         self.recorder = recorder
         self.decode = decode
+        self._blocked_records: dict[str, EngineFailureRecord] = {}
+        """Per test, its record of the blocked engine (recorded once per test)."""
 
     def timings(self) -> dict[str, float]:
         """The running totals of :attr:`seconds` plus the engine's start time (``engine_start``)."""
@@ -139,14 +141,24 @@ class ParityRunner:
         return self.judge(requests, self.generate(requests), test, record=record)
 
     def known_finding(self, failure: EngineFailure) -> KnownFinding | None:
-        """The known engine finding ``failure`` is, for this engine and version (None: a new failure)."""
+        """The known engine finding ``failure`` is, for this engine and version (None: a new failure); matched
+        against the reason and everything the engine printed during the failed call (:attr:`EngineFailure.log`)."""
         name, version = self.handle.identity()
-        return match_finding(name, version, f"{failure.reason}\n{failure.log_tail}", self.findings)
+        return match_finding(name, version, failure.finding_text, self.findings)
 
     def engine_failure(self, params: str, failure: EngineFailure, test: str = "") -> EngineFailureRecord:
-        """Record an engine failure; ``params`` says what reproduces it (see :func:`describe_case`)."""
+        """Record an engine failure; ``params`` says what reproduces it (see :func:`describe_case`). A known
+        finding marked ``fatal`` blocks the handle (no restart: later checks fail at once with the same
+        finding); a test that meets the blocked engine again is recorded once."""
         finding = self.known_finding(failure)
+        blocked = failure is self.handle.blocked
+        if blocked and test in self._blocked_records:
+            return self._blocked_records[test]
         record = EngineFailureRecord(self.cell.id, params, failure.reason, failure.log_tail, finding.id if finding else None)
+        if blocked:
+            self._blocked_records[test] = record
+        elif finding is not None and finding.fatal:
+            self.handle.block(failure)
         self.handle.failures.append(record)
         if self.recorder is not None:
             self.recorder.add_failure(test, record)

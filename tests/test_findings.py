@@ -84,3 +84,49 @@ def test_covered_divergence_xfails_and_uncovered_fails(pytester: pytest.Pytester
     uncovered = _run(pytester, "temperature > 100")
     uncovered.assert_outcomes(failed=1)
     assert "FAILED [layer:" in uncovered.stdout.str()
+
+
+def _run_crashing(pytester: pytest.Pytester, fatal: bool) -> tuple[pytest.RunResult, int]:
+    """The semantic family on an engine that dies at every request (its crash line 40 lines above the log's
+    end), with a known finding matching that line; returns the run and how often the engine was started."""
+    from tests.crashing_engine import NEEDLE
+
+    pytester.makeconftest(
+        f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from conformance.engines.registry import register_engine
+register_engine("crashing-engine", "tests.crashing_engine:factory")
+"""
+    )
+    starts = pytester.path / "starts.txt"
+    (pytester.path / "m.toml").write_text(
+        '[[cell]]\nid = "crash"\nengine = "crashing-engine"\ndtype = "float32"\nlogprobs_mode = "processed_logprobs"\n'
+        f'families = ["semantic"]\nenv = {{ CRASHING_ENGINE_STARTS = "{starts}" }}\n'
+    )
+    (pytester.path / "f.toml").write_text(
+        f'[[finding]]\nid = "planted-crash"\nengine = "crashing-engine"\nversions = ">=1,<2"\nsummary = "dies"\n'
+        f'match = "{NEEDLE}"\nfatal = {str(fatal).lower()}\n'
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "conformance.plugin", "--pyargs", "conformance.suite", "-m", "parity", "--parity-matrix", "m.toml",
+        "--parity-findings", "f.toml", "--parity-examples", "4", "--parity-device", "cpu", "-p", "no:cacheprovider", "-rx",
+    )
+    return result, len(starts.read_text().splitlines()) if starts.exists() else 0
+
+
+def test_fatal_crash_blocks_the_cell_and_xfails_its_tests(pytester: pytest.Pytester) -> None:
+    """A known crash matched in the call's whole log (not the 25-line tail) xfails every semantic test naming
+    the finding; marked fatal, the engine starts once for the whole cell; not fatal, each crash restarts it."""
+    from tests.crashing_engine import LOG, NEEDLE
+
+    assert NEEDLE in LOG and NEEDLE not in "\n".join(LOG.splitlines()[-25:])  # only the whole log names it
+    fatal, fatal_starts = _run_crashing(pytester, fatal=True)
+    outcomes = fatal.parseoutcomes()
+    assert outcomes.get("xfailed") == 3 and not outcomes.get("failed") and not outcomes.get("passed"), outcomes
+    assert fatal.stdout.str().count("known engine finding planted-crash stopped every check") == 3
+    assert fatal_starts == 1, f"a fatal finding's engine was started {fatal_starts} times"
+    plain, plain_starts = _run_crashing(pytester, fatal=False)
+    outcomes = plain.parseoutcomes()
+    assert outcomes.get("xfailed") == 3 and not outcomes.get("failed") and not outcomes.get("passed"), outcomes
+    assert plain_starts >= 9, f"a non-fatal finding restarts the engine per crash (3 per test): {plain_starts} starts"

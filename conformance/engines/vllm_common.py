@@ -66,3 +66,26 @@ def read_tail(path: Path, lines: int = 25) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+LOG_SINCE_LIMIT = 4 << 20
+"""At most this many bytes (the last ones) of what an engine printed during one call are kept for matching."""
+
+
+def log_size(path: Path) -> int:
+    """The log file's size now (0 when it cannot be read): a mark for :func:`read_since`."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def read_since(path: Path, offset: int) -> str:
+    """What was appended to a log file after ``offset`` (its last :data:`LOG_SINCE_LIMIT` bytes; '' when it
+    cannot be read)."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(max(offset, log_size(path) - LOG_SINCE_LIMIT))
+            return log.read().decode(errors="replace")
+    except OSError:
+        return ""

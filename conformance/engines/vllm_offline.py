@@ -3,7 +3,9 @@
 The engine core runs in its own process (vLLM's default), so an engine crash is contained: it surfaces
 here as :class:`~conformance.engines.base.EngineFailure` with the engine's log tail, and the cell's
 fixture can start a fresh engine for the next test. The engine process writes its log to a file
-(``log_path``) for its whole life; :meth:`VllmOfflineEngine.log_tail` reads its end.
+(``log_path``) for its whole life; :meth:`VllmOfflineEngine.log_tail` reads its end (what failure messages
+show), and a failure also carries everything printed during the failed call (``EngineFailure.log``, what
+known findings are matched against).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 from conformance.spec import LogprobsMode, SamplingSpec, TokenContext
 from conformance.engines.base import EngineFailure, Request, Sample
-from conformance.engines.vllm_common import cell_env, read_tail, root_cause, summary, vllm_version
+from conformance.engines.vllm_common import cell_env, log_size, read_since, read_tail, root_cause, summary, vllm_version
 from conformance.matrix import Cell
 
 @contextlib.contextmanager
@@ -122,6 +124,7 @@ class VllmOfflineEngine:
                 raise EngineFailure(
                     f"cell {self.cell.id}: engine start exceeded {self.cell.start_timeout_s:.0f} s",
                     self.log_tail(),
+                    read_since(self.log_path, 0),
                 )
         if "error" in result:
             exc = result["error"]
@@ -133,6 +136,7 @@ class VllmOfflineEngine:
                 f"cell {self.cell.id}: vLLM rejected or failed to start the engine: {type(exc).__name__}: {first}"
                 + (f" (root cause: {cause})" if cause and cause not in first else ""),
                 tail,
+                read_since(self.log_path, 0),
             )
         self._llm = result["llm"]
 
@@ -205,6 +209,7 @@ class VllmOfflineEngine:
 
     def _utility(self, what: str, call: Callable[[], Any]) -> Any:
         """``call()`` (a utility call into the engine); its failure is an :class:`EngineFailure` naming ``what``."""
+        mark = log_size(self.log_path)
         try:
             return call()
         except Exception as exc:  # noqa: BLE001 - the worker's error is a finding about the engine
@@ -212,6 +217,7 @@ class VllmOfflineEngine:
             raise EngineFailure(
                 f"cell {self.cell.id}: {what} failed in the engine: {type(exc).__name__}: {summary(exc)}",
                 self.log_tail(),
+                read_since(self.log_path, mark),
             ) from None
 
     def reload_weights_from_path(self, checkpoint_dir: Path) -> None:
@@ -268,6 +274,7 @@ class VllmOfflineEngine:
             raise EngineFailure(
                 f"cell {self.cell.id}: vLLM rejected the sampling parameters: {type(exc).__name__}: {exc}"
             ) from None
+        mark = log_size(self.log_path)
         try:
             outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
         except Exception as exc:  # noqa: BLE001 - any engine exception is a finding about the engine
@@ -279,6 +286,7 @@ class VllmOfflineEngine:
                 f"cell {self.cell.id}: engine failed during generate: {type(exc).__name__}: {first}"
                 + (f" (root cause: {cause})" if cause else ""),
                 tail,
+                read_since(self.log_path, mark),
             ) from None
         return [self._samples(req, out) for req, out in zip(requests, outputs, strict=True)]
 
