@@ -362,7 +362,9 @@ def check_parity(
     rows: list[TokenRow] = []
     violations: list[str] = []
     # (dist, raw, context, output ids, [(position, token, engine value)]) of finite sampled values: the
-    # other semantics are evaluated on them only if the check fails (they cost contract passes).
+    # other semantics are evaluated on them only if the check fails (they cost contract passes). A token the
+    # contract masks even within the precision band counts too (its distance under the contract is inf: the
+    # variant that keeps it is what explains it); a masked token the band would allow (boundary) does not.
     alt_inputs: list[tuple[ProcessedDistribution, torch.Tensor, TokenContext, Sequence[int], list[tuple[int, int, float]]]] = []
     for s_index, seq in enumerate(sequences):
         sample, raw = seq.sample, seq.raw_logits
@@ -395,7 +397,7 @@ def check_parity(
             ambiguous = not bool(dist.sure[pos, token])
             expected = float(values[pos, token])
             rows.append(TokenRow(s_index, pos, token, "sampled", engine_value, expected, low, high, ambiguous))
-            if math.isfinite(engine_value) and math.isfinite(expected):
+            if math.isfinite(engine_value) and (math.isfinite(expected) or not bool(dist.maybe[pos, token])):
                 finite_sampled.append((pos, token, engine_value))
             top = sample.top_values[pos] if pos < len(sample.top_values) else {}
             for t, v in top.items():

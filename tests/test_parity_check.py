@@ -338,3 +338,18 @@ def test_clean_samples_evaluate_no_variant_and_noise_names_none() -> None:
     report = check(build(spec, noisy, sequences=6), spec)
     failed(report, "inference-path")
     assert report.variant is None and "top_p before min_p" in report.alternatives
+
+
+def test_a_token_only_the_variant_keeps_names_the_variant() -> None:
+    """The engine sampled a token the contract masks (probs 0.5/0.3/0.15/0.05, min_p 0.2, top_p 0.82: the
+    contract keeps the first two, top-p before min_p the first three) and reports the variant's values:
+    the masked token's own value is what identifies the variant."""
+    raw = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    spec = SamplingSpec(top_p=0.82, min_p=0.2)
+    values = {0: math.log(0.5 / 0.95), 2: math.log(0.15 / 0.95)}
+    sample = Sample((1,), [2], [values[2]], [values], finish_reason="length")
+    report = check([SequenceInput(sample, raw, TokenContext((1,)))], spec)
+    why = failed(report, "semantic")
+    assert "sampled token 2 is masked by the contract" in why
+    assert report.variant == "top_p before min_p", report.explain()
+    assert report.alternatives["processed_logprobs"] == math.inf
