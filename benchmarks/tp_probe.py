@@ -1,7 +1,8 @@
 """Tensor and pipeline parallelism on the CPU tier (issue 16, investigation): parity and weight updates per rank.
 
-Prototype. It imports vllm, torch and transformers only, except that ``--host-transfer`` imports the kit's
-host weight-transfer backend. Engines start one at a time, in this process, and each is shut down (its
+Prototype. It imports vllm, torch and transformers, the kit's per-rank read-back
+(``conformance.weights.shards``, where the prototype's read-back now lives), and with ``--host-transfer`` the
+kit's host weight-transfer backend. Engines start one at a time, in this process, and each is shut down (its
 processes killed) before the next one starts.
 
 1. Parity. The bundled prompts (BOS first) in three request sets: greedy, seeded T=0.8, and seeded T=1.0 with
@@ -15,13 +16,14 @@ processes killed) before the next one starts.
    readable, a prefix-cache hit and a reset work, and forward hooks run in each rank's worker.
 3. Weight updates on the engines named in ``--weights-on`` (default fp32 TP=2). W1 = W0 + seeded noise on
    every matrix, with the norms unchanged, so a state that mixes ranks is an exact HF model
-   (:func:`rank_mixture`). Pushes: a full push through collective_rpc -> worker.reload_weights; a planted push
+   (``rank_mixture``). Pushes: a full push through collective_rpc -> worker.reload_weights; a planted push
    that skips TP rank 1; a push that loses one tensor on rank 1 only; a checkpoint-directory reload; and with
    ``--host-transfer`` the weight-transfer API (parity-host backend). For each push: the logprobs against W1,
    W0 and the rank mixture, then a per-rank diagnosis. Each rank reads back every parameter shard it
-   computes with (:func:`shard_digests`: sha256 per shard; packed CPU GEMM weights are read through the
+   computes with (``shard_digests``: sha256 per shard; packed CPU GEMM weights are read through the
    kernel with an identity input). These are compared bit for bit with the expected shard slices of W1 and
-   W0, computed from the HF tensors by :func:`expected_shards`, which re-implements vLLM's sharding rules.
+   W0, computed from the HF tensors by ``expected_shards``, which re-implements vLLM's sharding rules
+   (all three in conformance/weights/shards.py).
 
     .venv/bin/python benchmarks/tp_probe.py [--engines fp32-tp1,fp32-tp2,bf16-tp2,bf16-tp1,fp32-pp2]
         [--weights-on "fp32 TP=2"] [--host-transfer] [--model DIR] [--json OUT] [--max-tokens 24]
@@ -34,8 +36,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
-import hashlib
 import json
 import math
 import os
@@ -46,6 +48,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from conformance.weights.shards import diagnose_ranks, rank_mixture, shard_digests  # noqa: E402 - the kit's read-back
+from conformance.weights.state import WeightSet  # noqa: E402
 BUNDLED = ROOT / "conformance" / "fixtures" / "models" / "pystdlib-llama"
 PROMPTS = ROOT / "conformance" / "fixtures" / "prompts" / "default.json"
 
@@ -362,42 +367,6 @@ def make_push(items: list[tuple[str, Any]], skip_tp_ranks: tuple[int, ...] = (),
     return push_weights
 
 
-def shard_digests(worker: Any) -> dict[str, Any]:
-    """Every parameter shard this rank computes with: shape, dtype, sha256 of its bytes (16 hex), float64 sum.
-
-    On the CPU backend, unquantized linear layers hand their weight to a packed GEMM (oneDNN or the sgl
-    kernel) and replace ``layer.weight`` with an empty parameter (vllm/model_executor/layers/utils.py,
-    ``dispatch_cpu_unquantized_gemm(remove_weight=True)``), so ``named_parameters()`` shows ``(0,)`` for
-    qkv/o/gate_up/down. For those the weight is read back *through the kernel*: ``quant_method.apply(layer,
-    I)`` with the identity I of the input width returns W^T exactly (one non-zero product per output). That
-    reads what the rank actually multiplies with, not a copy that may have been left behind.
-    """
-    import hashlib as _h
-
-    import torch as _t
-    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
-
-    def entry(t: Any, source: str) -> tuple[Any, ...]:
-        t = t.detach().contiguous().cpu()
-        raw = t.reshape(-1).view(_t.uint8).numpy().tobytes()
-        return (tuple(t.shape), str(t.dtype).removeprefix("torch."), _h.sha256(raw).hexdigest()[:16], float(t.double().sum()), source)
-
-    params = {}
-    model = worker.model_runner.model
-    modules = dict(model.named_modules())
-    with _t.no_grad():
-        for name, p in model.named_parameters():
-            module = modules.get(name.rpartition(".")[0])
-            if name.endswith(".weight") and p.numel() == 0 and module is not None and hasattr(module, "quant_method"):
-                width = int(module.input_size_per_partition)
-                eye = _t.eye(width, dtype=p.dtype)
-                w = module.quant_method.apply(module, eye, None).t()
-                params[name] = entry(w, "packed GEMM (identity read-back)")
-            else:
-                params[name] = entry(p, "parameter")
-    return {"rank": worker.rank, "tp_rank": get_tensor_model_parallel_rank(), "tp_size": get_tensor_model_parallel_world_size(), "params": params}
-
-
 def hook_capture(worker: Any, install: bool) -> Any:
     """Forward hooks on a few modules of this rank's model; install=False removes them and returns the outputs."""
     import torch as _t
@@ -421,116 +390,6 @@ def hook_capture(worker: Any, install: bool) -> Any:
     return {k: v[0] for k, v in store.items()}
 
 
-# -- expected shards (vLLM's TP sharding of a Llama-style checkpoint) ---------------------------------------
-
-
-def expected_shards(hf: dict[str, Any], config: Any, tp_rank: int, tp_size: int, vllm_names: list[str]) -> dict[str, Any]:
-    """The tensor each vLLM parameter of rank ``tp_rank`` should hold, from HF-named full tensors.
-
-    Column-parallel (output dim 0 split in tp_size equal parts; vllm/model_executor/layers/linear.py):
-    qkv_proj = cat(q part, k part, v part) (QKVParallelLinear.weight_loader; k/v part index tp_rank //
-    replicas when num_kv_heads < tp_size), gate_up_proj = cat(gate part, up part)
-    (MergedColumnParallelLinear.weight_loader). Row-parallel (input dim 1 split; RowParallelLinear.weight_loader):
-    o_proj, down_proj. Vocab-parallel (vocab_parallel_embedding.py: VocabParallelEmbedding.weight_loader,
-    vocab padded to a multiple of 64, then split in equal row blocks, padding rows zero): embed_tokens,
-    lm_head. Everything else (norms) replicated. Names not modelled map to None.
-    """
-    import torch
-
-    def part(t: Any, dim: int, index: int, parts: int) -> Any:
-        size = t.shape[dim] // parts
-        return t.narrow(dim, index * size, size)
-
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    replicas = max(1, tp_size // kv_heads)
-    out: dict[str, Any] = {}
-    for name in vllm_names:
-        stem, _, kind = name.rpartition(".")
-        if stem.endswith("qkv_proj"):
-            base = stem[: -len("qkv_proj")]
-            q, k, v = (hf.get(f"{base}{p}_proj.{kind}") for p in "qkv")
-            if q is None:
-                out[name] = None
-                continue
-            kv_parts = tp_size // replicas
-            out[name] = torch.cat([part(q, 0, tp_rank, tp_size), part(k, 0, tp_rank // replicas, kv_parts),
-                                   part(v, 0, tp_rank // replicas, kv_parts)], 0)
-        elif stem.endswith("gate_up_proj"):
-            base = stem[: -len("gate_up_proj")]
-            g, u = hf.get(f"{base}gate_proj.{kind}"), hf.get(f"{base}up_proj.{kind}")
-            out[name] = None if g is None else torch.cat([part(g, 0, tp_rank, tp_size), part(u, 0, tp_rank, tp_size)], 0)
-        elif stem.endswith(("o_proj", "down_proj")):
-            t = hf.get(name)
-            out[name] = None if t is None else (part(t, 1, tp_rank, tp_size) if kind == "weight" else t)
-        elif stem.endswith(("embed_tokens", "lm_head")):
-            t = hf.get(name)
-            if t is None and stem.endswith("lm_head"):
-                t = hf.get("model.embed_tokens.weight")  # tied
-            if t is None:
-                out[name] = None
-                continue
-            vocab = t.shape[0]
-            padded = -(-vocab // 64) * 64
-            per = padded // tp_size
-            start, end = tp_rank * per, min((tp_rank + 1) * per, vocab)
-            shard = torch.zeros((per,) + tuple(t.shape[1:]), dtype=t.dtype)
-            if end > start:
-                shard[: end - start] = t[start:end]
-            out[name] = shard
-        else:
-            out[name] = hf.get(name)
-    return out
-
-
-def digest(t: Any, dtype: str) -> str:
-    import torch
-
-    t = t.to(getattr(torch, dtype)).contiguous()
-    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
-
-
-def diagnose_ranks(readback: list[dict[str, Any]], states: dict[str, dict[str, Any]], config: Any) -> tuple[list[dict[str, Any]], list[str]]:
-    """Per rank and parameter: which weight states its shard equals bit for bit; one verdict line per rank.
-
-    ``states`` maps labels to HF-named tensors; the first is the one the engine should hold (W1). A shard that
-    equals every state is "unchanged" (the tensor did not change between them and proves nothing).
-    """
-    rows, lines = [], []
-    target = next(iter(states))
-    for rank in readback:
-        names = list(rank["params"])
-        expected = {label: expected_shards(s, config, rank["tp_rank"], rank["tp_size"], names) for label, s in states.items()}
-        counts: dict[str, list[str]] = {}
-        for name, (shape, dtype, h, total, source) in rank["params"].items():
-            shards = {label: exp[name] for label, exp in expected.items() if exp[name] is not None}
-            if not shards:
-                match = "unmodelled"
-            elif any(tuple(e.shape) != tuple(shape) for e in shards.values()):
-                e = next(iter(shards.values()))
-                match = f"wrong shape (expected {tuple(e.shape)}, holds {tuple(shape)})"
-            else:
-                hits = [label for label, e in shards.items() if digest(e, dtype) == h]
-                if len(hits) == len(states):
-                    match = "unchanged"
-                elif hits:
-                    match = hits[0]
-                else:
-                    match = "none of " + "/".join(states)
-            counts.setdefault(match, []).append(name)
-            rows.append({"rank": rank["rank"], "tp_rank": rank["tp_rank"], "param": name, "matches": match, "sum": total, "source": source})
-        changed = [n for k, v in counts.items() if k != "unchanged" for n in v]
-        off = [n for k, v in counts.items() if k not in ("unchanged", target) for n in v]
-        summary = ", ".join(f"{len(v)} {k}" for k, v in sorted(counts.items()))
-        if not off:
-            verdict = f"OK: all {len(changed)} changed shards hold {target}"
-        elif len(off) == len(changed):
-            verdict = f"STALE: none of the {len(changed)} changed shards holds {target} (this rank missed the push)"
-        else:
-            verdict = f"PARTIAL: {len(off)}/{len(changed)} changed shards do not hold {target}, e.g. {off[0]}"
-        lines.append(f"rank {rank['rank']} (tp_rank {rank['tp_rank']}/{rank['tp_size']}): {verdict} [{summary}]")
-    return rows, lines
-
-
 # -- weight states ------------------------------------------------------------------------------------------
 
 
@@ -546,30 +405,6 @@ def make_w1(w0: dict[str, Any], seed: int = 1234, scale: float = 0.1) -> dict[st
         else:
             w1[name] = t.clone()
     return w1
-
-
-def rank_mixture(per_rank: list[dict[str, Any]], config: Any) -> dict[str, Any]:
-    """The HF weights a TP=len(per_rank) engine computes with when rank r holds ``per_rank[r]``: each parallel
-    dimension cut where vLLM cuts it (:func:`expected_shards`), part r from rank r's tensors. Exact when the 1-D
-    (replicated) tensors agree across the states and num_key_value_heads >= tp (no replicated k/v heads)."""
-    import torch
-
-    tp = len(per_rank)
-    mix = {}
-    for name, a in per_rank[0].items():
-        stem = name.rsplit(".", 1)[0]
-        if a.dim() < 2:
-            mix[name] = a.clone()
-            continue
-        dim = 1 if stem.endswith(("o_proj", "down_proj")) else 0  # row-parallel: input dim; else output/vocab dim
-        if stem.endswith(("embed_tokens", "lm_head")):
-            per = -(-a.shape[0] // 64) * 64 // tp  # vocab padded to a multiple of 64, then equal blocks
-            bounds = [min(r * per, a.shape[0]) for r in range(tp)] + [a.shape[0]]
-        else:
-            per = a.shape[dim] // tp
-            bounds = [r * per for r in range(tp)] + [a.shape[dim]]
-        mix[name] = torch.cat([per_rank[r][name].narrow(dim, bounds[r], bounds[r + 1] - bounds[r]) for r in range(tp)], dim)
-    return mix
 
 
 # -- report -------------------------------------------------------------------------------------------------
@@ -807,9 +642,10 @@ def weights_phase(engine: Engine, model: Path, prompts: list[list[int]], ref0: A
     def readback(tag: str) -> list[str]:
         start = time.time()
         rb = engine.rpc(shard_digests)
-        rows, per_rank = diagnose_ranks(rb, states, config)
-        out[f"{tag} shards"] = rows
-        return per_rank + [f"  (read back {sum(len(r['params']) for r in rb)} parameter shards from {len(rb)} ranks in {time.time() - start:.1f} s)"]
+        check = diagnose_ranks(rb, WeightSet("W1", states["W1"]), WeightSet("W0", states["W0"]), config)
+        out[f"{tag} shards"] = [dataclasses.asdict(r) for r in check.ranks]
+        return [r.line("W1") for r in check.ranks] + [
+            f"  (read back {sum(len(r['params']) for r in rb)} parameter shards from {len(rb)} ranks in {time.time() - start:.1f} s)"]
 
     def show(tag: str, row: dict[str, Any]) -> None:
         out[tag] = row

@@ -4,7 +4,9 @@ Each test pushes W1 (the trainer stand-in's step, :class:`conformance.weights.Tr
 cell's running engine through one path and judges greedy probes against fp32 references under W1 (must
 match within the cell tolerance) and W0 (must be measurably far). Probes are first run under W0 so the
 prefix cache holds W0's KV. Every test leaves the engine at W0 again (verified), so the other families can
-share the engine; if that fails the engine is restarted.
+share the engine; if that fails the engine is restarted. In cells with more than one rank (tensor / pipeline
+parallel) every update, the restores and refits included, is also checked per rank: each rank's shards are
+read back and must hold the pushed weights (:mod:`conformance.weights.shards`).
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ def restores_w0(parity: Parity, kit: UpdateKit) -> Iterator[None]:
         recommended_update(handle.engine, default_path(handle.engine), kit.w0)
         samples = parity.generate(list(kit.probes.requests))
         report = _judge(parity, kit, samples, kit.w0, kit.ref0, "restore W0")
-        restored = report.to_new.passed
+        restored = report.to_new.passed and (report.shards is None or report.shards.passed)
         detail = report.explain()
     except EngineFailure as exc:
         restored, detail = False, str(exc)
@@ -178,6 +180,7 @@ def test_refits_stay_flat(parity: Parity, kit: UpdateKit, restores_w0: None) -> 
         samples = _generate(parity, kit)
         report = _judge(parity, kit, samples, kit.w0, kit.ref0, "refit")
         assert report.to_new.passed, f"refit {refit}:\n" + report.to_new.explain()
+        assert report.shards is None or report.shards.passed, f"refit {refit}: " + report.shards.explain()
         deltas: list[float] = []
         for a_group, b_group in zip(first, samples):
             for a, b in zip(a_group, b_group):

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -77,6 +78,11 @@ class TrainerStandIn:
         self.device = device
         self._model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
         self.w0 = self.weights("W0")
+
+    @property
+    def config(self) -> Any:
+        """The model's HF config (head counts for the per-rank shard rules, :mod:`conformance.weights.shards`)."""
+        return self._model.config
 
     def weights(self, label: str) -> WeightSet:
         """The model's current parameters (cloned, CPU)."""

@@ -6,6 +6,12 @@ W0 through the kit's one judge pipeline (:func:`~conformance.judge.judge_samples
 engine matches W1 within the cell's tolerance *and* is measurably far from W0; a failure is diagnosed as a
 no-op update, stale prefix-cache KV, a partial update naming the tensor (and layer) left behind, or, when
 no modelled state matches, the first module whose hidden states leave W1's.
+
+In an engine with more than one rank (tensor / pipeline parallel) every update is also checked per rank:
+each rank's shards are read back in its worker and compared bit for bit with the slices of W1 it should
+hold (:mod:`conformance.weights.shards`). A rank that missed the push, or holds some shards at W0, fails the
+update as a weight-sync failure that names the rank and the shards, whatever the logprobs say (in bf16 they
+cannot see a rank that missed a push).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from conformance.parity import ParityReport, Target
 from conformance.spec import TokenContext
 from conformance.tolerances import Tolerance
 from conformance.trainer import Reference
+from conformance.weights.shards import ShardCheck, check_ranks
 from conformance.weights.state import TrainerStandIn, WeightSet, fused_groups, layer_of
 
 WEIGHT_SYNC_LAYER = "weight-sync"
@@ -46,6 +53,8 @@ class UpdateReport:
     cached_sequences: int = 0
     layer: str | None = None
     candidates: dict[str, float] = field(default_factory=dict)
+    shards: ShardCheck | None = None
+    """Every rank's shards against W1 (engines with more than one rank; None otherwise)."""
 
     def explain(self) -> str:
         verdict = "passed" if self.passed else f"FAILED [layer: {self.layer}]"
@@ -63,6 +72,8 @@ class UpdateReport:
         ]
         if self.diagnosis:
             lines.append(f"  diagnosis: {self.diagnosis}")
+        if self.shards is not None:
+            lines.append(f"  {self.shards.explain()}")
         if self.candidates:
             best = sorted(self.candidates.items(), key=lambda kv: kv[1])[:3]
             lines.append("  closest single-tensor-stale states: " + ", ".join(f"{n}: {d:.3g}" for n, d in best))
@@ -77,7 +88,8 @@ class UpdateCheck:
     """What judging one weight update needs: the probes sent after pushing ``new`` into an engine that held
     ``old``, their samples and token contexts, the trainer stand-in (references under any weights), and how
     to read the values (``target``, ``tolerance``, the ``cell`` and update ``path`` names for messages).
-    ``engine`` (optional) lets a failure with no matching weight state be localised by hidden states."""
+    ``engine`` (optional) lets a failure with no matching weight state be localised by hidden states, and a
+    parallel engine's ranks be read back (:mod:`conformance.weights.shards`)."""
 
     requests: Sequence[Request]
     samples: Sequence[Sequence[Sample]]
@@ -119,6 +131,10 @@ def judge_update(check: UpdateCheck) -> UpdateReport:
     (partial update; the tensor and its layer are named). When no such state matches and ``check.engine``
     is given, its hidden states are compared with ``new``'s module by module
     (:mod:`conformance.weights.hidden_states`) and the first module that diverges is named.
+
+    With ``check.engine`` running more than one rank, every rank's shards are read back first
+    (:func:`~conformance.weights.shards.check_ranks`); a rank not holding its shards of ``new`` fails the
+    update with a diagnosis naming the rank and the shards (the logprob diagnosis is then skipped).
     """
     ref_new = check.reference(check.new)
     to_new = check.judge(ref_new)
@@ -136,6 +152,11 @@ def judge_update(check: UpdateCheck) -> UpdateReport:
         passed=to_new.passed and to_old.residual.mean_abs >= separation,
         cached_sequences=cached,
     )
+    if check.engine is not None:
+        report.shards = check_ranks(check.engine, check.new, check.old, check.trainer.config)
+        if report.shards is not None and not report.shards.passed:
+            report.passed, report.layer, report.diagnosis = False, WEIGHT_SYNC_LAYER, report.shards.diagnosis()
+            return report
     coarse = to_new.tolerance.mean_abs >= COARSE_MEAN_ABS
     if report.passed and coarse:
         found = _scan_partial(report, check, closer_than=CLOSER_FACTOR * report.distance_new)
