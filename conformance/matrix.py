@@ -68,6 +68,9 @@ class Cell:
     requires: tuple[str, ...] = ()
     """Python modules the engine needs beyond vLLM (e.g. ``flashinfer``): without one the cell's tests skip
     with the reason instead of failing at engine start (:meth:`missing_requirement`)."""
+    gpus: int = 1
+    """CUDA devices a GPU cell needs (tensor / pipeline parallel cells: the world size); with fewer the
+    cell's tests skip with the reason (:func:`conformance.plugin.skip_unless_runnable`)."""
     families: tuple[str, ...] | None = None
     """Test families this cell runs (``semantic``, ``inference-path``, ``stress``, ...); None: all."""
     env: Mapping[str, str] = field(default_factory=dict)
@@ -172,6 +175,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "attention_backend": (str,),
     "seed": (int,),
     "start_timeout_s": (int, float),
+    "gpus": (int,),
     "env": (dict,),
     "engine_kwargs": (dict,),
     "tolerance": (dict,),
@@ -211,7 +215,7 @@ def _build_cell(raw: Mapping[str, Any], source: str, index: int) -> Cell:
             raise MatrixError(f"{where}: missing required key {required!r}")
     if not _ID_RE.match(raw["id"]):
         raise MatrixError(f"{where}: id must be lowercase letters, digits and . _ + - (got {raw['id']!r})")
-    for key in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "block_size"):
+    for key in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "block_size", "gpus"):
         if key in raw and raw[key] <= 0:
             raise MatrixError(f"{where}: {key} must be positive, got {raw[key]}")
     env = raw.get("env", {})

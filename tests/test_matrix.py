@@ -70,6 +70,8 @@ def test_shipped_cpu_matrix_loads() -> None:
         pytest.param("[[cell]]\n" + GOOD_CELL + '[cell.tolerance]\nband = "x"\n', "band", id="bad-tolerance-value"),
         pytest.param('[[cell]]\nid = "a"\ndtype = "float32"\n', "logprobs_mode", id="missing-required"),
         pytest.param("[[cell]]\n" + GOOD_CELL + "max_num_seqs = 0\n", "max_num_seqs", id="non-positive"),
+        pytest.param("[[cell]]\n" + GOOD_CELL + "gpus = 0\n", "gpus", id="gpus-non-positive"),
+        pytest.param("[[cell]]\n" + GOOD_CELL + 'gpus = "2"\n', "gpus", id="gpus-not-int"),
         pytest.param("[[cell]]\n" + GOOD_CELL + "env = { A = 1 }\n", "env['A']", id="env-not-string"),
         pytest.param('[[cell]]\nid = "Has Space"\ndtype = "float32"\nlogprobs_mode = "raw_logprobs"\n', "id", id="bad-id"),
         pytest.param("[defaults]\ncolour = 1\n[[cell]]\n" + GOOD_CELL, "colour", id="unknown-default-key"),
@@ -210,3 +212,61 @@ def test_unknown_engine_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(MatrixError) as info:
         load_matrix(path)
     assert "engine = 'sglang' is not a registered engine (vllm, vllm-server" in str(info.value), str(info.value)
+
+
+# ---- parallel cells (docs/parallel.md) ------------------------------------------------------------------
+
+GPU_MATRIX = CPU_MATRIX.with_name("gpu.toml")
+NVLS_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def test_shipped_parallel_cells() -> None:
+    """CPU: TP=2 and PP=2 with one core per rank and the TP=1 step budget pinned (vLLM's CPU default doubles
+    with the world size); GPU: the same cells on 2 GPUs with NVLink multicast off."""
+    cpu = {c.id: c for c in load_matrix(CPU_MATRIX)}
+    for cell_id, key in (("fp32-processed-tp2", "tensor_parallel_size"), ("fp32-processed-pp2", "pipeline_parallel_size")):
+        cell = cpu[cell_id]
+        kwargs = cell.engine_kwargs()
+        assert kwargs[key] == 2 and kwargs["max_num_batched_tokens"] == 4096 and kwargs["max_num_seqs"] == 256, kwargs
+        assert cell.env["VLLM_CPU_OMP_THREADS_BIND"] == "0|1" and cell.start_timeout_s == 600 and cell.gpus == 1
+    assert cpu["fp32-processed-pp2"].families == ("semantic",)
+    assert cpu["fp32-processed-tp2"].families is not None and "semantic" in cpu["fp32-processed-tp2"].families
+    gpu = {c.id: c for c in load_matrix(GPU_MATRIX)}
+    for cell_id, key in (("gpu-fp32-processed-tp2", "tensor_parallel_size"), ("gpu-fp32-processed-pp2", "pipeline_parallel_size")):
+        cell = gpu[cell_id]
+        assert cell.tier == "gpu" and cell.gpus == 2 and cell.engine_kwargs()[key] == 2
+        assert {k: cell.env.get(k) for k in NVLS_OFF} == NVLS_OFF, cell.env
+    assert all(c.gpus == 1 for c in gpu.values() if not c.id.endswith(("-tp2", "-pp2")))
+
+
+def test_parallel_cells_pair_on_the_tensor_parallel_switch() -> None:
+    """fp32-processed vs fp32-processed-tp2 differ in the TP size only (the thread binding, GPU count and the
+    pinned budget go with it): an execution-mode pair on every machine; PP=2 pairs with nothing."""
+    from conformance.suite.test_execution_modes import switch_pairs
+
+    cells = load_matrix(CPU_MATRIX) + load_matrix(GPU_MATRIX)
+    pairs = {(a.id, b.id): switch for a, b, switch in switch_pairs(cells)}
+    assert pairs[("fp32-processed", "fp32-processed-tp2")] == "tensor parallel size"
+    assert pairs[("gpu-fp32-processed", "gpu-fp32-processed-tp2")] == "tensor parallel size"
+    assert pairs[("fp32-processed", "fp32-processed-chunked")] == "chunked prefill budget"  # unchanged by the TP switch sharing its fields
+    assert not [p for p in pairs if any(c.endswith("-pp2") for c in p)], pairs
+
+
+@pytest.mark.parametrize(("available", "count", "reason"), [
+    (False, 0, "is a GPU cell (tier 'gpu') and torch.cuda.is_available() is False"),
+    (True, 1, "needs 2 GPUs and torch.cuda.device_count() is 1"),
+])
+def test_two_gpu_cell_skips_with_the_reason(monkeypatch: pytest.MonkeyPatch, available: bool, count: int, reason: str) -> None:
+    import torch
+
+    from conformance.plugin import skip_unless_runnable
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    cell = {c.id: c for c in load_matrix(GPU_MATRIX)}["gpu-fp32-processed-tp2"]
+    with pytest.raises(pytest.skip.Exception) as info:
+        skip_unless_runnable(cell)
+    assert str(info.value) == f"cell gpu-fp32-processed-tp2 {reason}"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    if available:
+        skip_unless_runnable(cell)  # two GPUs: runs

