@@ -154,7 +154,7 @@ def diagnose(
                 f"the failure needs {' and '.join(ablation.minimal)} (ablation: the same requests pass with any "
                 "one of them reset), so a sampler step differs, not the numerical path"
             ))
-        if report.variant is None and at_minimal is not None and at_minimal.variant is not None:
+        if report.matched is None and at_minimal is not None and at_minimal.variant is not None:
             from conformance.contract import VARIANTS
 
             report.variant, report.variant_ties = at_minimal.variant, list(at_minimal.variant_ties)

@@ -102,6 +102,8 @@ class ParityReport:
     when the contract's do not; None when none does (or a whole other semantics matches better)."""
     variant_ties: list[str] = field(default_factory=list)
     """Other variants (or semantics) that fit within tolerance too: the values cannot tell them apart."""
+    matched: str | None = None
+    """The other semantics or variant that explains the failure (a key of ``alternatives``), or None."""
     diagnosis: Diagnosis | None = None
     """Set by the ``parity`` fixture on a failing check: the ablation (which parameters it needs) and
     the upstream reproduction script (:mod:`conformance.diagnosis`)."""
@@ -515,6 +517,7 @@ def _matching_alternative(report: ParityReport, target: Target, tolerance: Toler
         return None
     value, _, name = fits[0]
     others = [k for _, _, k in fits[1:]]
+    report.matched = name
     if name in contract.VARIANTS:
         variant = contract.VARIANTS[name]
         report.variant, report.variant_ties = name, others

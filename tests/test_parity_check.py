@@ -135,6 +135,7 @@ def test_a_raw_logprobs_where_processed_expected() -> None:
     why = failed(report, "semantic")
     assert "raw_logprobs" in why
     assert report.alternatives["raw_logprobs"] == pytest.approx(0.0, abs=1e-6)
+    assert report.matched == "raw_logprobs" and report.variant is None
 
 
 def test_b_not_renormalised_after_top_p() -> None:
@@ -311,7 +312,7 @@ def test_values_of_a_step_order_variant_name_it(name: str, spec: SamplingSpec) -
     inputs = _reported(build(spec, sequences=6), lambda s: variant.fn(s.raw_logits, s.sample.output_ids, spec, s.context))
     report = check(inputs, spec)
     why = failed(report, "semantic")
-    assert report.variant == name, report.explain()
+    assert report.variant == report.matched == name, report.explain()
     assert f"step-order variant {name!r} ({variant.description}" in why and f"step {variant.step}" in why
     assert report.alternatives[name] <= 1e-5
     assert report.as_record()["variant"] == name
