@@ -65,8 +65,9 @@ def test_script_expected_equals_the_contract(spec: SamplingSpec, mode: str, seed
     want = mode_values(dist, raw, mode)  # type: ignore[arg-type]
     assert torch.equal(torch.isfinite(got), torch.isfinite(want)), spec
     finite = torch.isfinite(want)
-    if finite.any():
-        assert float((got[finite] - want[finite]).abs().max()) <= 1e-5, spec
+    if finite.any():  # fp32 rounding relative to the largest scaled logit (thousands at T ~ 0.01)
+        scale = float(dist.scaled[torch.isfinite(dist.scaled)].abs().max())
+        assert float((got[finite] - want[finite]).abs().max()) <= 1e-5 + 4e-7 * scale, spec
 
 
 def test_script_imports_nothing_of_the_kit_and_only_needed_steps() -> None:
