@@ -6,7 +6,11 @@ a function that wraps, on the worker's model runner:
 * ``sampler.forward`` (what the sampler reports as logprobs),
 * ``sampler.apply_temperature`` (temperature scaling used for sampling *and* reporting),
 * ``sampler.topk_topp_sampler.forward`` (truncation, the processed logprobs and the draw),
-* ``model.compute_logits`` (the lm_head and the logits every path uses, prompt logprobs included).
+* ``model.compute_logits`` (the lm_head and the logits every path uses, prompt logprobs included);
+* ``sampler.sample``, ``sampler.apply_logits_processors`` and ``sampler.apply_penalties`` (the order and
+  the inputs of the sampler's steps: the step-order faults of issue 13, each one plausible implementation
+  difference of one contract step, named like the :data:`conformance.contract.VARIANTS` it should be
+  diagnosed as).
 
 Every wrapper reads one mode from a per-runner state; ``none`` forwards unchanged. :func:`set_mode` switches
 the mode with another RPC, so one engine serves every fault in turn, and :func:`uninstall` restores the
@@ -35,6 +39,15 @@ MODES: dict[str, str] = {
     "bf16-head": "the lm_head matmul in bfloat16 (hidden states and weights) where the cell configured fp32",
     "batch-noise": "logits perturbed (±0.01 by token id) whenever a step holds more than one sequence",
     "samples-elsewhere": "tokens drawn from logits sharpened 1.5x while the reported logprobs stay correct",
+    # step-order faults: vLLM's own operations, in another order or on other inputs
+    "top-p-before-min-p": "top-k/top-p applied before the min_p processor (top-p's mass includes what min_p removes)",
+    "top-p-before-top-k": "top-p applied before top-k (top-p's mass includes what top-k removes)",
+    "min-p-before-temperature": "the min_p processor applied before temperature scaling",
+    "repetition-output-only": "the repetition penalty sees an empty prompt (only generated tokens count as seen)",
+    "penalties-over-prompt": "frequency/presence penalties count the prompt's tokens as if generated",
+    "temperature-before-penalties": "temperature applied before the logits processors and penalties "
+                                    "(bias and frequency/presence act on z/T)",
+    "bias-after-penalties": "the logit_bias processor applied after the penalties instead of before",
 }
 """Fault mode -> what it plants."""
 
@@ -47,6 +60,8 @@ def _install(worker: Any) -> str:
     """Runs in the engine process: wrap the sampler, temperature, truncation and logits (idempotent)."""
     import torch
     import torch.nn.functional as F
+    from vllm.v1.sample.ops.bad_words import apply_bad_words
+    from vllm.v1.sample.ops.penalties import apply_all_penalties
     from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
     runner = worker.model_runner
@@ -60,6 +75,9 @@ def _install(worker: Any) -> str:
     original_temperature = sampler.apply_temperature
     original_truncation = truncation.forward
     original_logits = model.compute_logits
+    original_sample = sampler.sample
+    original_processors = sampler.apply_logits_processors
+    original_penalties = sampler.apply_penalties
 
     def unpenalised(logits: torch.Tensor, metadata: Any) -> torch.Tensor:
         """Processed logprobs computed without the logits processors and penalties."""
@@ -85,7 +103,7 @@ def _install(worker: Any) -> str:
 
     def apply_temperature(logits: torch.Tensor, temp: torch.Tensor, all_random: bool) -> torch.Tensor:
         mode = state["mode"]
-        if mode == "temperature-none":
+        if mode in ("temperature-none", "temperature-before-penalties"):
             return logits
         logits = original_temperature(logits, temp, all_random)
         if mode == "temperature-twice":
@@ -104,7 +122,77 @@ def _install(worker: Any) -> str:
             _, processed = original_truncation(logits.clone(), generators, k, p)
             sampled, _ = original_truncation(logits * SHARPEN, generators, k, p)
             return sampled, processed
+        if mode == "top-p-before-top-k" and k is not None and p is not None:
+            logits = apply_top_k_top_p(logits, None, p)
+            logits = apply_top_k_top_p(logits, k, None)
+            return original_truncation(logits, generators, None, None)
         return original_truncation(logits, generators, k, p)
+
+    def split_min_p(metadata: Any) -> tuple[list[Any], list[Any]]:
+        processors = list(metadata.logitsprocs.argmax_invariant)
+        min_p = [q for q in processors if type(q).__name__ == "MinPLogitsProcessor"]
+        return min_p, [q for q in processors if q not in min_p]
+
+    def sample(logits: torch.Tensor, metadata: Any, *args: Any, **kwargs: Any) -> Any:
+        """vLLM's random-sampling path (all rows random) with min_p moved; else vLLM's own."""
+        mode = state["mode"]
+        if mode not in ("top-p-before-min-p", "min-p-before-temperature") or not metadata.all_random:
+            return original_sample(logits, metadata, *args, **kwargs)
+        min_p, others = split_min_p(metadata)
+        if mode == "min-p-before-temperature":
+            for processor in min_p:
+                logits = processor.apply(logits)
+            logits = original_temperature(logits, metadata.temperature, metadata.all_random)
+            for processor in others:
+                logits = processor.apply(logits)
+            return truncation.forward(logits, metadata.generators, metadata.top_k, metadata.top_p)
+        logits = original_temperature(logits, metadata.temperature, metadata.all_random)
+        for processor in others:
+            logits = processor.apply(logits)
+        logits = apply_top_k_top_p(logits, metadata.top_k, metadata.top_p)
+        for processor in min_p:
+            logits = processor.apply(logits)
+        return truncation.forward(logits, metadata.generators, None, None)
+
+    def apply_logits_processors(logits: torch.Tensor, metadata: Any, predict_bonus_token: bool) -> torch.Tensor:
+        mode = state["mode"]
+        if mode == "temperature-before-penalties" and metadata.temperature is not None:
+            temp = torch.where(metadata.temperature < 1e-5, torch.ones_like(metadata.temperature), metadata.temperature)
+            logits = logits / temp.unsqueeze(1)
+        if mode != "bias-after-penalties":
+            return original_processors(logits, metadata, predict_bonus_token)
+        # vLLM's order (allowed ids, bad words, non-argmax-invariant processors, penalties) with the
+        # logit-bias processor moved after the penalties (no speculative decoding here)
+        if metadata.allowed_token_ids_mask is not None:
+            logits.masked_fill_(metadata.allowed_token_ids_mask, float("-inf"))
+        if metadata.bad_words_token_ids:
+            apply_bad_words(logits, metadata.bad_words_token_ids, metadata.output_token_ids)
+        processors = list(metadata.logitsprocs.non_argmax_invariant)
+        bias = [q for q in processors if type(q).__name__ == "LogitBiasLogitsProcessor"]
+        for processor in processors:
+            if processor not in bias:
+                logits = processor.apply(logits)
+        logits = apply_penalties(logits, metadata, metadata.output_token_ids)
+        for processor in bias:
+            logits = processor.apply(logits)
+        return logits
+
+    def apply_penalties(logits: torch.Tensor, metadata: Any, output_token_ids: list[list[int]]) -> torch.Tensor:
+        mode = state["mode"]
+        if metadata.no_penalties or mode not in ("repetition-output-only", "penalties-over-prompt"):
+            return original_penalties(logits, metadata, output_token_ids)
+        prompt = metadata.prompt_token_ids
+        vocab = logits.shape[-1]
+        if mode == "repetition-output-only":
+            prompt = torch.full_like(prompt, vocab)  # vocab is vLLM's padding id: an empty prompt
+        else:
+            output_token_ids = [
+                [t for t in row if t < vocab] + list(out) for row, out in zip(prompt.tolist(), output_token_ids)
+            ]
+        return apply_all_penalties(
+            logits, prompt, metadata.presence_penalties, metadata.frequency_penalties,
+            metadata.repetition_penalties, output_token_ids,
+        )
 
     def compute_logits(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         mode = state["mode"]
@@ -127,6 +215,9 @@ def _install(worker: Any) -> str:
         (sampler, "apply_temperature", apply_temperature),
         (truncation, "forward", truncate_and_sample),
         (model, "compute_logits", compute_logits),
+        (sampler, "sample", sample),
+        (sampler, "apply_logits_processors", apply_logits_processors),
+        (sampler, "apply_penalties", apply_penalties),
     ):
         state["saved"].append((owner, name, name in owner.__dict__, owner.__dict__.get(name)))
         object.__setattr__(owner, name, value)
