@@ -11,7 +11,7 @@ In an engine with more than one rank (tensor / pipeline parallel) every update i
 each rank's shards are read back in its worker and compared bit for bit with the slices of W1 it should
 hold (:mod:`conformance.weights.shards`). A rank that missed the push, or holds some shards at W0, fails the
 update as a weight-sync failure that names the rank and the shards, whatever the logprobs say (in bf16 they
-cannot see a rank that missed a push).
+may not see it: docs/parallel.md).
 """
 
 from __future__ import annotations
