@@ -8,8 +8,10 @@ logprobs are supposed to mean.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,11 +23,15 @@ class ReferenceError(ValueError):
 class HFReference:
     """An HF causal LM in float32 on ``device``, evaluated without gradients.
 
-    Sequences are batched right-padded (real tokens start at position 0, so the default position ids
-    are right) with an attention mask; at most ``max_batch_tokens`` padded tokens per forward pass.
+    Each sequence is its own forward pass by default (``max_batch_tokens=1``): no padding, so a sequence's
+    logits do not depend on what else was scored with it, and on the CPU it is also the fastest (measured:
+    24 sequences of 5-730 tokens in 0.60 s one by one, 0.68-0.86 s right-padded in batches of 512-2048
+    padded tokens, 2.98 s at 16384: padding to the longest member dominates). A larger ``max_batch_tokens``
+    batches sequences right-padded (real tokens start at position 0, so the default position ids are
+    right) with an attention mask, at most that many padded tokens per forward pass.
     """
 
-    def __init__(self, model_path: Path, device: str = "cpu", max_batch_tokens: int = 16384) -> None:
+    def __init__(self, model_path: Path, device: str = "cpu", max_batch_tokens: int = 1) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         if not (model_path / "config.json").is_file():
             raise ReferenceError(f"reference model not found: {model_path} has no config.json")
@@ -43,7 +49,7 @@ class HFReference:
         self.vocab_size = int(self.model.config.vocab_size)
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, model_path: Path, device: str = "cpu", max_batch_tokens: int = 16384) -> "HFReference":
+    def from_model(cls, model: torch.nn.Module, model_path: Path, device: str = "cpu", max_batch_tokens: int = 1) -> "HFReference":
         """A reference over an already-built fp32 model (e.g. a trainer's copy holding updated weights)."""
         self = cls.__new__(cls)
         self.model = model.to(device).eval()
@@ -91,3 +97,39 @@ class HFReference:
         for row, index in enumerate(batch):
             prompt_len, out_len = len(sequences[index][0]), len(sequences[index][1])
             results[index] = logits[row, prompt_len - 1 : prompt_len - 1 + out_len].clone()
+
+
+class ReferenceCache:
+    """A :class:`~conformance.trainer.Reference` that remembers the logits of the sequences it scored.
+
+    Judging asks for the same ``(prompt, output)`` again (a batch prefetched in one forward and then
+    judged case by case, a diagnosis re-judging the same samples); this serves those from memory and
+    computes only the missing sequences, in one call to the wrapped reference. Bounded (least recently
+    used dropped). Every other attribute is the wrapped reference's.
+    """
+
+    def __init__(self, reference: Any, capacity: int = 512) -> None:
+        self.wrapped = reference
+        self.capacity = capacity
+        self._logits: OrderedDict[tuple[tuple[int, ...], tuple[int, ...]], torch.Tensor] = OrderedDict()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.wrapped, name)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.wrapped.vocab_size)
+
+    def raw_logits(self, sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[torch.Tensor]:
+        keys = [(tuple(int(t) for t in p), tuple(int(t) for t in o)) for p, o in sequences]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._logits))
+        if missing:
+            for key, logits in zip(missing, self.wrapped.raw_logits(missing), strict=True):
+                self._logits[key] = logits
+        out = []
+        for key in keys:
+            self._logits.move_to_end(key)
+            out.append(self._logits[key])
+        while len(self._logits) > self.capacity:
+            self._logits.popitem(last=False)
+        return out

@@ -16,6 +16,7 @@ from conformance.engines.base import Engine, EngineFailure, Request, Sample
 from conformance.engines.handle import EngineHandle
 from conformance.findings import KnownFinding, covering_finding, match_finding
 from conformance.judge import judge_samples, token_contexts
+from conformance.reference import ReferenceCache
 from conformance.report.recorder import EngineFailureRecord, Recorder
 from conformance.spec import TrainerSemantics
 
@@ -54,7 +55,8 @@ class ParityRunner:
         """Known findings to recognise (None: the kit's own, ``fixtures/known_findings.toml``)."""
         self.seconds: dict[str, float] = {"generate": 0.0, "reference": 0.0, "contract": 0.0}
         """Wall time this runner spent in the engine (``generate``), the reference and the contract."""
-        self.reference = reference
+        self.reference: Reference = ReferenceCache(reference)
+        """The reference, behind a small cache (a batch is scored in one forward, then judged case by case)."""
         self.prompts = prompts
         self.trainer = trainer
         self.recorder = recorder
@@ -83,6 +85,12 @@ class ParityRunner:
 
     def requests(self, case: Case) -> list[Request]:
         return [Request(self.prompts.ids[i], case.spec) for i in case.prompts]
+
+    def prefetch_reference_for(self, samples: Sequence[Sequence[Sample]]) -> None:
+        """Score every sample's tokens with the reference in one call (judging them later reads the cache)."""
+        started = time.perf_counter()
+        self.reference.raw_logits([(s.prompt_ids, s.output_ids) for group in samples for s in group])
+        self.seconds["reference"] += time.perf_counter() - started
 
     def generate(self, requests: Sequence[Request]) -> list[list[Sample]]:
         """Engine samples for ``requests`` (raises :class:`EngineFailure`)."""

@@ -110,7 +110,8 @@ register_engine("crashing-engine", "tests.crashing_engine:factory")
     )
     result = pytester.runpytest_subprocess(
         "-p", "conformance.plugin", "--pyargs", "conformance.suite", "-m", "parity", "--parity-matrix", "m.toml",
-        "--parity-findings", "f.toml", "--parity-examples", "4", "--parity-device", "cpu", "-p", "no:cacheprovider", "-rx",
+        # 12 cases = 3 examples of 4 (plugin.fixture.CASES_PER_EXAMPLE): three engine calls per property
+        "--parity-findings", "f.toml", "--parity-examples", "12", "--parity-device", "cpu", "-p", "no:cacheprovider", "-rx",
     )
     return result, len(starts.read_text().splitlines()) if starts.exists() else 0
 

@@ -24,6 +24,7 @@ failure saved in one test or cell is replayed there and nowhere else.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -46,6 +47,10 @@ if TYPE_CHECKING:
     from conformance.strategies import Case, Vocabulary
 
 MAX_KNOWN_FINDING_RESTARTS = 2
+CASES_PER_EXAMPLE = 4
+"""Cases one hypothesis example of :func:`check_cases` draws: sent to the engine in one call (vLLM batches
+them, so the per-step cost is shared) and judged one by one. A profile's example count is a count of
+cases: ``max_examples = ceil(cases / CASES_PER_EXAMPLE)``."""
 """A property restarts a crashed engine at most this often for *known* findings, then stops sending work."""
 
 
@@ -115,6 +120,9 @@ def check_cases(
 ) -> None:
     """Property: for every drawn case the engine agrees with the contract (and ``extra`` holds).
 
+    Each example holds :data:`CASES_PER_EXAMPLE` cases, generated in one engine call and judged one by
+    one (the profile's count is of cases); shrinking simplifies the failing case and the others to defaults.
+
     ``test`` names the check in the records and keys hypothesis' example database. An unknown engine
     failure stops the property and fails the test as an engine finding; a known finding (see
     :mod:`conformance.findings`) is recorded with its parameters, the engine restarted and the property
@@ -123,6 +131,8 @@ def check_cases(
     """
     __tracebackhide__ = True
     from hypothesis import given, note
+    from hypothesis import settings as settings_with
+    from hypothesis import strategies as st
 
     diagnosis = diagnosis if diagnosis is not None else DiagnosisSettings()
 
@@ -130,28 +140,39 @@ def check_cases(
     known: list[EngineFailureRecord] = []
     covered: list[ParityReport] = []
     judged = 0
+    per_example = max(1, min(CASES_PER_EXAMPLE, settings.max_examples))
+    examples = settings_with(settings, max_examples=math.ceil(settings.max_examples / per_example))
 
-    @settings
-    @given(case=cases)
-    def property_(case: Case) -> None:
+    @examples
+    @given(batch=st.lists(cases, min_size=per_example, max_size=per_example))
+    def property_(batch: list[Case]) -> None:
         nonlocal judged
         if failures or len(known) > MAX_KNOWN_FINDING_RESTARTS:
             return
+        per_case = [runner.requests(case) for case in batch]
         try:
-            requests = runner.requests(case)
-            report = judge_final(runner, requests, runner.generate(requests), test, diagnosis)
+            runner.prefetch_reference_for(samples := runner.generate([r for rs in per_case for r in rs]))
         except EngineFailure as exc:
-            record = runner.engine_failure(describe_case(case), exc, test)
+            record = runner.engine_failure(" + ".join(describe_case(case) for case in batch), exc, test)
             (known if record.known else failures).append(record)
             return
-        judged += 1
-        note(report.explain())
-        if report.known and not report.passed:
-            covered.append(report)  # reported and recorded; not a failure of this property
-            return
-        assert report.passed, report.explain()
-        if extra is not None:
-            extra(case, report)
+        offset = 0
+        for case, requests in zip(batch, per_case, strict=True):
+            group, offset = samples[offset : offset + len(requests)], offset + len(requests)
+            try:
+                report = judge_final(runner, requests, group, test, diagnosis)
+            except EngineFailure as exc:  # the diagnosis re-runs the failing case on the engine
+                record = runner.engine_failure(describe_case(case), exc, test)
+                (known if record.known else failures).append(record)
+                return
+            judged += 1
+            note(report.explain())
+            if report.known and not report.passed:
+                covered.append(report)  # reported and recorded; not a failure of this property
+                continue
+            assert report.passed, report.explain()
+            if extra is not None:
+                extra(case, report)
 
     database_key(property_, test)()
     if failures:
