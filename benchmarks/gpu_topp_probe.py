@@ -43,13 +43,20 @@ def main() -> None:
                     ref = torch.isfinite(apply_top_k_top_p_pytorch(logits.clone(), k, p))
                     tri = torch.isfinite(apply_top_k_top_p_triton(logits.clone(), k, p))
                     differ = (ref != tri).any(dim=-1)
-                    rows.append({
-                        "finite": finite, "min_p": min_p, "top_k": top_k, "top_p": top_p,
-                        "rows_differ": int(differ.sum()), "rows": batch,
-                        "kept_pytorch": float(ref.sum(-1).float().mean()),
-                        "kept_triton": float(tri.sum(-1).float().mean()),
-                        "triton_drops_kept": int((ref & ~tri).sum()), "triton_keeps_dropped": int((~ref & tri).sum()),
-                    })
+                    rows.append(
+                        {
+                            "finite": finite,
+                            "min_p": min_p,
+                            "top_k": top_k,
+                            "top_p": top_p,
+                            "rows_differ": int(differ.sum()),
+                            "rows": batch,
+                            "kept_pytorch": float(ref.sum(-1).float().mean()),
+                            "kept_triton": float(tri.sum(-1).float().mean()),
+                            "triton_drops_kept": int((ref & ~tri).sum()),
+                            "triton_keeps_dropped": int((~ref & tri).sum()),
+                        }
+                    )
     cols = list(rows[0])
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))

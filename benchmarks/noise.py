@@ -32,8 +32,22 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-COLUMNS = ["cell", "checks", "tokens", "max_abs_p50", "max_abs_p99", "max_abs_max", "top_max_max", "mean_abs_max",
-           "abs_mean_max", "bias_excess_max", "boundary_tokens", "false_positives", "start_s", "run_s"]
+COLUMNS = [
+    "cell",
+    "checks",
+    "tokens",
+    "max_abs_p50",
+    "max_abs_p99",
+    "max_abs_max",
+    "top_max_max",
+    "mean_abs_max",
+    "abs_mean_max",
+    "bias_excess_max",
+    "boundary_tokens",
+    "false_positives",
+    "start_s",
+    "run_s",
+]
 
 
 def check_noise(record: dict[str, Any], raw_mode: bool, noise_floor: float) -> dict[str, float] | None:
@@ -132,8 +146,14 @@ def live(args: argparse.Namespace) -> list[dict[str, Any]]:
         per_check: list[dict[str, float]] = []
         failures: list[str] = []
 
-        @settings(max_examples=args.checks, deadline=None, database=None, derandomize=False,
-                  suppress_health_check=list(HealthCheck), phases=["generate"])
+        @settings(
+            max_examples=args.checks,
+            deadline=None,
+            database=None,
+            derandomize=False,
+            suppress_health_check=list(HealthCheck),
+            phases=["generate"],
+        )
         @given(case=cases(vocab, len(prompts.ids)))
         def measure(case: Any) -> None:
             try:
@@ -142,8 +162,11 @@ def live(args: argparse.Namespace) -> list[dict[str, Any]]:
             except EngineFailure as exc:
                 failures.append(f"{exc.reason} ({case.spec.describe()})")
                 return
-            noise = check_noise(runner.judge(requests, samples).as_record(),
-                                cell.logprobs_mode.startswith("raw"), cell.tolerance.mean_abs)
+            noise = check_noise(
+                runner.judge(requests, samples).as_record(),
+                cell.logprobs_mode.startswith("raw"),
+                cell.tolerance.mean_abs,
+            )
             if noise is not None:
                 per_check.append(noise)
 
@@ -152,8 +175,15 @@ def live(args: argparse.Namespace) -> list[dict[str, Any]]:
         measure()
         run_s = time.perf_counter() - t1
         handle.close()
-        row = summarise(cell.id, cell.precision, per_check, start_s=round(start_s, 1), run_s=round(run_s, 1),
-                        engine_failures=failures, tolerance=cell.tolerance.__dict__)
+        row = summarise(
+            cell.id,
+            cell.precision,
+            per_check,
+            start_s=round(start_s, 1),
+            run_s=round(run_s, 1),
+            engine_failures=failures,
+            tolerance=cell.tolerance.__dict__,
+        )
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -167,8 +197,14 @@ def main() -> None:
     parser.add_argument("--checks", type=int, default=100)
     parser.add_argument("--model", default="bundled")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--from", dest="sources", type=Path, nargs="+", default=None,
-                        help="results JSONL files of suite runs (their matrix: --matrix)")
+    parser.add_argument(
+        "--from",
+        dest="sources",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="results JSONL files of suite runs (their matrix: --matrix)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     rows = from_results(args.sources, args.matrix) if args.sources else live(args)

@@ -85,14 +85,17 @@ def table(result: dict[str, Any]) -> str:
     lines = ["| cell | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     rows = list(result["cells"].items()) + [("**total**", result["total"])]
     for name, row in rows:
-        values = [f"{row.get(c, 0):.0f}" if c in ("tests", "checks", "tokens") else f"{row.get(c, 0):.1f}" for c in cols]
+        values = [
+            f"{row.get(c, 0):.0f}" if c in ("tests", "checks", "tokens") else f"{row.get(c, 0):.1f}" for c in cols
+        ]
         lines.append(f"| {name} | " + " | ".join(values) + " |")
     overhead = result["kit_overhead_vs_engine"]
     lines.append("")
     lines.append(
         f"session wall {result['session_wall']:.0f} s with {result['workers']} worker(s); time outside tests "
         f"(collection, session fixtures, idle workers) {result['outside_tests']:.0f} worker-s; kit overhead "
-        f"(reference + contract) = {overhead * 100:.1f}% of engine time (start + generation)" if overhead is not None
+        f"(reference + contract) = {overhead * 100:.1f}% of engine time (start + generation)"
+        if overhead is not None
         else f"session wall {result['session_wall']:.0f} s"
     )
     return "\n".join(lines)
@@ -100,7 +103,7 @@ def table(result: dict[str, Any]) -> str:
 
 def main() -> None:
     argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path(".parity-cache/profile"))
@@ -114,8 +117,19 @@ def main() -> None:
         args.work.mkdir(parents=True, exist_ok=True)
         results, junit = args.work / "results.jsonl", args.work / "junit.xml"
         results.unlink(missing_ok=True)
-        command = [sys.executable, "-m", "pytest", "-m", "parity", "-q", "-p", "no:cacheprovider",
-                   f"--parity-results={results}", f"--junitxml={junit}", *extra]
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-m",
+            "parity",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--parity-results={results}",
+            f"--junitxml={junit}",
+            *extra,
+        ]
         workers = int(next((a.split("=", 1)[1] for a in extra if a.startswith("--numprocesses=")), 0) or 0)
         if "-n" in extra:
             workers = int(extra[extra.index("-n") + 1])
@@ -125,7 +139,9 @@ def main() -> None:
         print(f"pytest exit code {code}, {wall:.0f} s")
     else:
         results, junit, wall, workers = args.source, args.junit, args.wall, args.workers
-    records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.is_file() else []
+    records = (
+        [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.is_file() else []
+    )
     durations = junit_durations(junit) if junit is not None and junit.is_file() else {}
     result = profile(records, durations, wall, max(workers, 1))
     print(table(result))

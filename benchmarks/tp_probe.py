@@ -49,8 +49,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from conformance.weights.shards import diagnose_ranks, rank_mixture, shard_digests  # noqa: E402 - the kit's read-back
-from conformance.weights.state import WeightSet  # noqa: E402
+from conformance.weights.shards import diagnose_ranks, rank_mixture, shard_digests
+from conformance.weights.state import WeightSet
+
 BUNDLED = ROOT / "conformance" / "fixtures" / "models" / "pystdlib-llama"
 PROMPTS = ROOT / "conformance" / "fixtures" / "prompts" / "default.json"
 
@@ -104,8 +105,13 @@ class Engine:
         self.label = label
         self.log = Path(tempfile.mkstemp(prefix=f"tp-probe-{label.replace(' ', '_')}-", suffix=".log")[1])
         self.kwargs = {
-            "dtype": "float32", "logprobs_mode": "processed_logprobs", "max_model_len": 1024, "enforce_eager": True, "seed": 0,
-            "generation_config": "vllm", "max_logprobs": -1,
+            "dtype": "float32",
+            "logprobs_mode": "processed_logprobs",
+            "max_model_len": 1024,
+            "enforce_eager": True,
+            "seed": 0,
+            "generation_config": "vllm",
+            "max_logprobs": -1,
         }
         self.kwargs.update(kwargs)
         self.env = {**BASE_ENV, **env}
@@ -163,7 +169,9 @@ def load_prompts(model: Path) -> list[list[int]]:
     tokenizer = AutoTokenizer.from_pretrained(model)
     bos = tokenizer.bos_token_id
     texts = json.loads(PROMPTS.read_text())
-    return [([bos] if isinstance(bos, int) else []) + list(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+    return [
+        ([bos] if isinstance(bos, int) else []) + list(tokenizer.encode(t, add_special_tokens=False)) for t in texts
+    ]
 
 
 def requests(prompts: list[list[int]], max_tokens: int) -> list[tuple[str, int, list[int], dict[str, Any]]]:
@@ -178,7 +186,9 @@ def requests(prompts: list[list[int]], max_tokens: int) -> list[tuple[str, int, 
     return out
 
 
-def run_requests(engine: Engine, reqs: list[tuple[str, int, list[int], dict[str, Any]]]) -> tuple[list[dict[str, Any]], float]:
+def run_requests(
+    engine: Engine, reqs: list[tuple[str, int, list[int], dict[str, Any]]]
+) -> tuple[list[dict[str, Any]], float]:
     from vllm import SamplingParams
 
     start = time.time()
@@ -188,7 +198,16 @@ def run_requests(engine: Engine, reqs: list[tuple[str, int, list[int], dict[str,
     for (name, index, prompt, spec), out in zip(reqs, outs):
         comp = out.outputs[0]
         tops = [{int(t): float(lp.logprob) for t, lp in entry.items()} for entry in comp.logprobs]
-        results.append({"set": name, "prompt": index, "prompt_ids": prompt, "spec": spec, "tokens": list(comp.token_ids), "tops": tops})
+        results.append(
+            {
+                "set": name,
+                "prompt": index,
+                "prompt_ids": prompt,
+                "spec": spec,
+                "tokens": list(comp.token_ids),
+                "tops": tops,
+            }
+        )
     return results, elapsed
 
 
@@ -256,8 +275,17 @@ class Stats:
         smax, smean = agg(self.sampled)
         tmax, tmean = agg(self.top)
         bias = sum(self.signed) / len(self.signed) if self.signed else float("nan")
-        return {"checks": self.checks, "sampled_n": len(self.sampled), "sampled_max": smax, "sampled_mean": smean, "sampled_bias": bias,
-                    "top_n": len(self.top), "top_max": tmax, "top_mean": tmean, "nonfinite": self.nonfinite}
+        return {
+            "checks": self.checks,
+            "sampled_n": len(self.sampled),
+            "sampled_max": smax,
+            "sampled_mean": smean,
+            "sampled_bias": bias,
+            "top_n": len(self.top),
+            "top_max": tmax,
+            "top_mean": tmean,
+            "nonfinite": self.nonfinite,
+        }
 
 
 def vs_reference(results: list[dict[str, Any]], ref: Any) -> tuple[Stats, dict[str, Stats]]:
@@ -299,15 +327,22 @@ def rescore(engine: Engine, seqs: list[tuple[list[int], list[int]]]) -> list[lis
     """prompt_logprobs=TOP_N over prompt+completion (raw values, teacher-forced): per completion position."""
     from vllm import SamplingParams
 
-    outs = engine.generate([p + t for p, t in seqs], [SamplingParams(max_tokens=1, prompt_logprobs=TOP_N, temperature=0.0)] * len(seqs))
+    outs = engine.generate(
+        [p + t for p, t in seqs], [SamplingParams(max_tokens=1, prompt_logprobs=TOP_N, temperature=0.0)] * len(seqs)
+    )
     res = []
     for (p, t), out in zip(seqs, outs):
-        entries = out.prompt_logprobs[len(p):]
+        entries = out.prompt_logprobs[len(p) :]
         res.append([{int(k): float(v.logprob) for k, v in e.items()} for e in entries])
     return res
 
 
-def rescore_stats(a: list[list[dict[int, float]]], b: list[list[dict[int, float]]] | None, seqs: list[tuple[list[int], list[int]]], ref: Any | None) -> Stats:
+def rescore_stats(
+    a: list[list[dict[int, float]]],
+    b: list[list[dict[int, float]]] | None,
+    seqs: list[tuple[list[int], list[int]]],
+    ref: Any | None,
+) -> Stats:
     import torch
 
     stats = Stats()
@@ -335,19 +370,29 @@ def allocate_pp_buffer(worker: Any) -> tuple[int, bool, bool]:
     runner = worker.model_runner
     if not get_pp_group().is_first_rank and runner.intermediate_tensors is None:
         runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
-            batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device)
+            batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device
+        )
     return (worker.rank, get_pp_group().is_first_rank, runner.intermediate_tensors is not None)
 
 
 def whoami(worker: Any) -> dict[str, Any]:
     from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
-    return {"rank": worker.rank, "local_rank": worker.local_rank, "tp_rank": get_tensor_model_parallel_rank(),
-                "tp_size": get_tensor_model_parallel_world_size(), "pid": os.getpid()}
+    return {
+        "rank": worker.rank,
+        "local_rank": worker.local_rank,
+        "tp_rank": get_tensor_model_parallel_rank(),
+        "tp_size": get_tensor_model_parallel_world_size(),
+        "pid": os.getpid(),
+    }
 
 
-def make_push(items: list[tuple[str, Any]], skip_tp_ranks: tuple[int, ...] = (), drop: tuple[str, ...] = (),
-              drop_on: tuple[int, ...] = ()) -> Any:
+def make_push(
+    items: list[tuple[str, Any]],
+    skip_tp_ranks: tuple[int, ...] = (),
+    drop: tuple[str, ...] = (),
+    drop_on: tuple[int, ...] = (),
+) -> Any:
     """A callable for collective_rpc: worker.reload_weights from ``items``, except on the TP ranks in
     ``skip_tp_ranks`` (the planted fault), and without the tensors named in ``drop`` on the TP ranks in
     ``drop_on`` (a push that loses one tensor on one rank). The tensors travel inside the cloudpickled callable: passed as
@@ -377,10 +422,12 @@ def hook_capture(worker: Any, install: bool) -> Any:
         handles = []
         for name, module in worker.model_runner.model.named_modules():
             if name in names:
+
                 def hook(_m: Any, _a: Any, out: Any, name: str = name) -> None:
                     t = out[0] if isinstance(out, (tuple, list)) else out
                     if isinstance(t, _t.Tensor):
                         store.setdefault(name, []).append(t.detach().float().cpu().reshape(-1, t.shape[-1]).clone())
+
                 handles.append(module.register_forward_hook(hook))
         worker._tp_probe = (store, handles)
         return len(handles)
@@ -415,12 +462,16 @@ def fmt(x: float) -> str:
 
 
 def table(rows: list[tuple[str, dict[str, Any]]]) -> str:
-    head = ("| comparison | checks | sampled n | sampled max|Δ| | sampled mean|Δ| | sampled meanΔ | top-5 n | top-5 max|Δ| "
-            "| top-5 mean|Δ| | non-finite |")
+    head = (
+        "| comparison | checks | sampled n | sampled max|Δ| | sampled mean|Δ| | sampled meanΔ | top-5 n | top-5 max|Δ| "
+        "| top-5 mean|Δ| | non-finite |"
+    )
     lines = [head, "|" + "---|" * 10]
     for label, r in rows:
-        lines.append(f"| {label} | {r['checks']} | {r['sampled_n']} | {fmt(r['sampled_max'])} | {fmt(r['sampled_mean'])} | {fmt(r['sampled_bias'])} | "
-                     f"{r['top_n']} | {fmt(r['top_max'])} | {fmt(r['top_mean'])} | {r['nonfinite']} |")
+        lines.append(
+            f"| {label} | {r['checks']} | {r['sampled_n']} | {fmt(r['sampled_max'])} | {fmt(r['sampled_mean'])} | {fmt(r['sampled_bias'])} | "
+            f"{r['top_n']} | {fmt(r['top_max'])} | {fmt(r['top_mean'])} | {r['nonfinite']} |"
+        )
     return "\n".join(lines)
 
 
@@ -434,14 +485,23 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--skip-bf16", action="store_true")
-    parser.add_argument("--engines", help="comma-separated subset of fp32-tp1,fp32-tp2,bf16-tp2,bf16-tp1,fp32-pp2 "
-                        "(default: the first four; fp32-pp2 runs PP=2 with the receive-buffer workaround)")
+    parser.add_argument(
+        "--engines",
+        help="comma-separated subset of fp32-tp1,fp32-tp2,bf16-tp2,bf16-tp1,fp32-pp2 "
+        "(default: the first four; fp32-pp2 runs PP=2 with the receive-buffer workaround)",
+    )
     parser.add_argument("--skip-weights", action="store_true")
-    parser.add_argument("--weights-on", default="fp32 TP=2",
-                        help="comma-separated engine labels whose engine runs the weight-update phase (default: fp32 TP=2)")
-    parser.add_argument("--host-transfer", action="store_true",
-                        help="start the fp32 TP=2 engine with the kit's weight-transfer backend (parity-host) and also push "
-                        "W1 through the weight-transfer API (imports conformance.engines.host_transfer)")
+    parser.add_argument(
+        "--weights-on",
+        default="fp32 TP=2",
+        help="comma-separated engine labels whose engine runs the weight-update phase (default: fp32 TP=2)",
+    )
+    parser.add_argument(
+        "--host-transfer",
+        action="store_true",
+        help="start the fp32 TP=2 engine with the kit's weight-transfer backend (parity-host) and also push "
+        "W1 through the weight-transfer API (imports conformance.engines.host_transfer)",
+    )
     args = parser.parse_args()
     os.environ.update({k: v for k, v in BASE_ENV.items() if k.startswith(("HF_", "TRANSFORMERS_"))})
 
@@ -454,7 +514,14 @@ def main() -> None:
     reqs = requests(prompts, args.max_tokens)
     ref = hf_model(args.model)
     config = ref.config
-    report: dict[str, Any] = {"vllm": vllm.__version__, "model": str(args.model), "engines": {}, "parity": {}, "families": {}, "weights": {}}
+    report: dict[str, Any] = {
+        "vllm": vllm.__version__,
+        "model": str(args.model),
+        "engines": {},
+        "parity": {},
+        "families": {},
+        "weights": {},
+    }
 
     known = {
         "fp32-tp1": ("fp32 TP=1", "float32", {"tensor_parallel_size": 1}),
@@ -463,7 +530,11 @@ def main() -> None:
         "bf16-tp1": ("bf16 TP=1", "bfloat16", {"tensor_parallel_size": 1}),
         "fp32-pp2": ("fp32 PP=2 (buffer workaround)", "float32", {"pipeline_parallel_size": 2}),
     }
-    names = args.engines.split(",") if args.engines else ["fp32-tp1", "fp32-tp2"] + ([] if args.skip_bf16 else ["bf16-tp2", "bf16-tp1"])
+    names = (
+        args.engines.split(",")
+        if args.engines
+        else ["fp32-tp1", "fp32-tp2"] + ([] if args.skip_bf16 else ["bf16-tp2", "bf16-tp1"])
+    )
     plan = [known[n] for n in names]
     results: dict[str, list[dict[str, Any]]] = {}
     rescored: dict[str, list[list[dict[int, float]]]] = {}
@@ -472,10 +543,16 @@ def main() -> None:
     per_set_rows: list[tuple[str, dict[str, Any]]] = []
     for label, dtype, parallel in plan:
         env = TP2_ENV if max(parallel.values()) > 1 else {}
-        say(f"\n== {label}: LLM(dtype={dtype!r}, {', '.join(f'{k}={v}' for k, v in parallel.items())}, enforce_eager=True, "
-            f"logprobs_mode='processed_logprobs'); env {dict(BASE_ENV, **env)}")
+        say(
+            f"\n== {label}: LLM(dtype={dtype!r}, {', '.join(f'{k}={v}' for k, v in parallel.items())}, enforce_eager=True, "
+            f"logprobs_mode='processed_logprobs'); env {dict(BASE_ENV, **env)}"
+        )
         try:
-            extra = {"weight_transfer_config": {"backend": "parity-host"}} if args.host_transfer and label == "fp32 TP=2" else {}
+            extra = (
+                {"weight_transfer_config": {"backend": "parity-host"}}
+                if args.host_transfer and label == "fp32 TP=2"
+                else {}
+            )
             engine = Engine(label, args.model, env, dtype=dtype, **parallel, **extra)
         except Exception as exc:  # noqa: BLE001 - a start failure is a result
             say(f"   start FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
@@ -485,14 +562,20 @@ def main() -> None:
             cfg = engine.llm.llm_engine.vllm_config
             if parallel.get("pipeline_parallel_size", 1) > 1:
                 say(f"   PP receive buffer (rank, first stage, allocated): {engine.rpc(allocate_pp_buffer)}")
-            info = {"started": True, "start_s": round(engine.start_s, 1), "log": str(engine.log),
-                        "executor": cfg.parallel_config.distributed_executor_backend,
-                        "block_size": cfg.cache_config.block_size,
-                        "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
-                        "async_scheduling": cfg.scheduler_config.async_scheduling,
-                        "ranks": engine.rpc(whoami)}
-            say(f"   started in {engine.start_s:.1f} s; executor {info['executor']!r}, block_size {info['block_size']}, "
-                f"max_num_batched_tokens {info['max_num_batched_tokens']}, ranks {info['ranks']}")
+            info = {
+                "started": True,
+                "start_s": round(engine.start_s, 1),
+                "log": str(engine.log),
+                "executor": cfg.parallel_config.distributed_executor_backend,
+                "block_size": cfg.cache_config.block_size,
+                "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
+                "async_scheduling": cfg.scheduler_config.async_scheduling,
+                "ranks": engine.rpc(whoami),
+            }
+            say(
+                f"   started in {engine.start_s:.1f} s; executor {info['executor']!r}, block_size {info['block_size']}, "
+                f"max_num_batched_tokens {info['max_num_batched_tokens']}, ranks {info['ranks']}"
+            )
             out, elapsed = run_requests(engine, reqs)
             info["generate_s"] = round(elapsed, 1)
             results[label] = out
@@ -514,7 +597,9 @@ def main() -> None:
                     except Exception as exc:  # noqa: BLE001 - report and go on with the other engines
                         say(f"   {key} phase FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
                         report[key] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-                    lines = report[key].get("lines") if key == "weights" else [f"{k}: {v}" for k, v in report[key].items()]
+                    lines = (
+                        report[key].get("lines") if key == "weights" else [f"{k}: {v}" for k, v in report[key].items()]
+                    )
                     for line in lines or [f"error: {report[key].get('error')}"]:
                         say("   " + str(line))
             report["engines"][label] = info
@@ -523,16 +608,24 @@ def main() -> None:
         total, per_set = vs_reference(out, ref)
         parity_rows.append((f"{label} vs fp32 HF (own tokens)", total.row()))
         per_set_rows += [(f"{label} vs HF, {name}", s.row()) for name, s in per_set.items()]
-        parity_rows.append((f"{label} vs fp32 HF, teacher-forced raw", rescore_stats(rescored[label], None, seqs, ref).row()))
+        parity_rows.append(
+            (f"{label} vs fp32 HF, teacher-forced raw", rescore_stats(rescored[label], None, seqs, ref).row())
+        )
 
-    for a, b in (("fp32 TP=1", "fp32 TP=2"), ("bf16 TP=1", "bf16 TP=2"), ("fp32 TP=2", "bf16 TP=2"),
-                 ("fp32 TP=1", "fp32 PP=2 (buffer workaround)")):
+    for a, b in (
+        ("fp32 TP=1", "fp32 TP=2"),
+        ("bf16 TP=1", "bf16 TP=2"),
+        ("fp32 TP=2", "bf16 TP=2"),
+        ("fp32 TP=1", "fp32 PP=2 (buffer workaround)"),
+    ):
         if a in results and b in results:
             stats, diverged, common = vs_engine(results[a], results[b])
             row = stats.row()
             row["diverged_sequences"], row["common_positions"] = diverged, common
             parity_rows.append((f"{a} vs {b}, decode (common prefix; {diverged} seqs diverge)", row))
-            parity_rows.append((f"{a} vs {b}, teacher-forced raw", rescore_stats(rescored[a], rescored[b], seqs, None).row()))
+            parity_rows.append(
+                (f"{a} vs {b}, teacher-forced raw", rescore_stats(rescored[a], rescored[b], seqs, None).row())
+            )
     report["parity"] = {label: row for label, row in parity_rows + per_set_rows}
 
     say("\n## Engines")
@@ -596,8 +689,13 @@ def families(engine: Engine, prompts: list[list[int]], ref: Any) -> dict[str, An
     handles = []
     for name, module in ref.named_modules():
         if name in captured[0]:
-            handles.append(module.register_forward_hook(
-                lambda _m, _a, o, name=name: store.setdefault(name, []).append((o[0] if isinstance(o, tuple) else o)[0].float())))
+            handles.append(
+                module.register_forward_hook(
+                    lambda _m, _a, o, name=name: store.setdefault(name, []).append(
+                        (o[0] if isinstance(o, tuple) else o)[0].float()
+                    )
+                )
+            )
     with torch.no_grad():
         ref(input_ids=torch.tensor([prompts[1]]))
     for h in handles:
@@ -612,7 +710,9 @@ def families(engine: Engine, prompts: list[list[int]], ref: Any) -> dict[str, An
     return out
 
 
-def weights_phase(engine: Engine, model: Path, prompts: list[list[int]], ref0: Any, config: Any, host_transfer: bool = False) -> dict[str, Any]:
+def weights_phase(
+    engine: Engine, model: Path, prompts: list[list[int]], ref0: Any, config: Any, host_transfer: bool = False
+) -> dict[str, Any]:
 
     w0 = {n: p.detach().clone() for n, p in ref0.named_parameters()}
     w1 = make_w1(w0)
@@ -634,7 +734,9 @@ def weights_phase(engine: Engine, model: Path, prompts: list[list[int]], ref0: A
             row[name] = total.row()
         return row
 
-    def push(items: dict[str, Any], skip: tuple[int, ...] = (), drop: tuple[str, ...] = (), drop_on: tuple[int, ...] = ()) -> list[Any]:
+    def push(
+        items: dict[str, Any], skip: tuple[int, ...] = (), drop: tuple[str, ...] = (), drop_on: tuple[int, ...] = ()
+    ) -> list[Any]:
         start = time.time()
         res = engine.rpc(make_push(list(items.items()), skip, drop, drop_on))
         return [dict(r, seconds=round(time.time() - start, 1)) for r in res]
@@ -645,15 +747,20 @@ def weights_phase(engine: Engine, model: Path, prompts: list[list[int]], ref0: A
         check = diagnose_ranks(rb, WeightSet("W1", states["W1"]), WeightSet("W0", states["W0"]), config)
         out[f"{tag} shards"] = [dataclasses.asdict(r) for r in check.ranks]
         return [r.line("W1") for r in check.ranks] + [
-            f"  (read back {sum(len(r['params']) for r in rb)} parameter shards from {len(rb)} ranks in {time.time() - start:.1f} s)"]
+            f"  (read back {sum(len(r['params']) for r in rb)} parameter shards from {len(rb)} ranks in {time.time() - start:.1f} s)"
+        ]
 
     def show(tag: str, row: dict[str, Any]) -> None:
         out[tag] = row
-        lines.append("  greedy probes, sampled-token |Δ| (max / mean) vs HF under: " + "; ".join(
-            f"{k}: {fmt(v['sampled_max'])} / {fmt(v['sampled_mean'])}" for k, v in row.items()))
+        lines.append(
+            "  greedy probes, sampled-token |Δ| (max / mean) vs HF under: "
+            + "; ".join(f"{k}: {fmt(v['sampled_max'])} / {fmt(v['sampled_mean'])}" for k, v in row.items())
+        )
 
-    lines.append(f"engine {engine.label}; W1 = W0 + 0.1 std seeded noise on every matrix (norms unchanged); probes: 16 greedy prompts x 16 tokens, "
-                 "prefix cache reset before each probe run")
+    lines.append(
+        f"engine {engine.label}; W1 = W0 + 0.1 std seeded noise on every matrix (norms unchanged); probes: 16 greedy prompts x 16 tokens, "
+        "prefix cache reset before each probe run"
+    )
     lines += ["before any push:"] + ["  " + l for l in readback("initial")]
     res = push(w1)
     lines.append(f"full push of W1 (collective_rpc -> reload_weights): results {res}")
@@ -681,7 +788,9 @@ def weights_phase(engine: Engine, model: Path, prompts: list[list[int]], ref0: A
 
         save_file({n: t.contiguous() for n, t in w1.items()}, str(Path(tmp) / "model.safetensors"))
         res = engine.rpc("reload_weights", weights_path=tmp)
-    lines.append(f"W1 pushed as a checkpoint directory: collective_rpc('reload_weights', weights_path=DIR): results {res}")
+    lines.append(
+        f"W1 pushed as a checkpoint directory: collective_rpc('reload_weights', weights_path=DIR): results {res}"
+    )
     show("reload-path", probe("path"))
     lines += ["  per-rank read-back:"] + ["  " + l for l in readback("reload-path")]
     push(w0)

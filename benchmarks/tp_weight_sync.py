@@ -29,8 +29,13 @@ from pathlib import Path
 from typing import Any
 
 
-def planted_push(engine: Any, items: list[tuple[str, Any]], skip_tp_rank: int | None = None, drop_on_tp_rank: int | None = None,
-                 drop: str = "") -> list[Any]:
+def planted_push(
+    engine: Any,
+    items: list[tuple[str, Any]],
+    skip_tp_rank: int | None = None,
+    drop_on_tp_rank: int | None = None,
+    drop: str = "",
+) -> list[Any]:
     """worker.reload_weights in every worker, except that TP rank ``skip_tp_rank`` returns early and TP rank
     ``drop_on_tp_rank`` gets every tensor but ``drop``."""
 
@@ -58,8 +63,12 @@ def main() -> None:
     from conformance.weights.verdict import UpdateCheck, judge_update
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--dtypes", default="float32", help="comma-separated dtypes of the TP=2 cell (float32, bfloat16)")
-    parser.add_argument("--pair", action="store_true", help="also the TP=1 vs TP=2 comparison, clean and with a fault in rank 1")
+    parser.add_argument(
+        "--dtypes", default="float32", help="comma-separated dtypes of the TP=2 cell (float32, bfloat16)"
+    )
+    parser.add_argument(
+        "--pair", action="store_true", help="also the TP=1 vs TP=2 comparison, clean and with a fault in rank 1"
+    )
     parser.add_argument("--md", type=Path, default=None)
     args = parser.parse_args()
     matrix = {c.id: c for c in load_matrix(CPU_MATRIX)}
@@ -77,9 +86,14 @@ def main() -> None:
     pushes = {
         "clean push (reload_weights, both ranks)": {},
         "TP rank 1 returns early": {"skip_tp_rank": 1},
-        "model.layers.1.mlp.down_proj.weight left out on TP rank 1": {"drop_on_tp_rank": 1, "drop": "model.layers.1.mlp.down_proj.weight"},
+        "model.layers.1.mlp.down_proj.weight left out on TP rank 1": {
+            "drop_on_tp_rank": 1,
+            "drop": "model.layers.1.mlp.down_proj.weight",
+        },
         "model.layers.2.self_attn.q_proj.weight left out on TP rank 1 (fused qkv_proj)": {
-            "drop_on_tp_rank": 1, "drop": "model.layers.2.self_attn.q_proj.weight"},
+            "drop_on_tp_rank": 1,
+            "drop": "model.layers.2.self_attn.q_proj.weight",
+        },
     }
     rows = []
 
@@ -87,8 +101,19 @@ def main() -> None:
         engine.reset_prefix_cache()
         samples = engine.generate(list(probes.requests))
         check = UpdateCheck(
-            probes.requests, samples, token_contexts(engine, probes.requests), trainer, new, w0, cell.logprobs_mode,
-            cell.tolerance, cell.id, "planted push", new_reference=ref_new, old_reference=ref0, engine=engine,
+            probes.requests,
+            samples,
+            token_contexts(engine, probes.requests),
+            trainer,
+            new,
+            w0,
+            cell.logprobs_mode,
+            cell.tolerance,
+            cell.id,
+            "planted push",
+            new_reference=ref_new,
+            old_reference=ref0,
+            engine=engine,
         )
         if not blind:
             return judge_update(check), None
@@ -111,12 +136,16 @@ def main() -> None:
                 tp2.reset_prefix_cache()
                 tp2.generate(requests)
                 second = tp2.generate(requests)
-                comps = [compare_samples(a, b, "fp32-processed", ("fp32-processed", base.id), tolerance, f"prompt {i}")
-                         for i, (a, b) in enumerate(zip(first, second))]
+                comps = [
+                    compare_samples(a, b, "fp32-processed", ("fp32-processed", base.id), tolerance, f"prompt {i}")
+                    for i, (a, b) in enumerate(zip(first, second))
+                ]
                 worst = max(c.max_abs for c in comps)
                 diverged = sum(len(c.divergences) for c in comps)
-                pair_lines.append(f"| {label} | {sum(c.compared for c in comps)} | {worst:.2g} | {tolerance:g} | {diverged} | "
-                                  f"{'passes' if all(c.passed for c in comps) else 'FAILS'} |")
+                pair_lines.append(
+                    f"| {label} | {sum(c.compared for c in comps)} | {worst:.2g} | {tolerance:g} | {diverged} | "
+                    f"{'passes' if all(c.passed for c in comps) else 'FAILS'} |"
+                )
                 print(pair_lines[-1], flush=True)
 
             against_tp1("clean engines (both at W0)")
@@ -136,36 +165,58 @@ def main() -> None:
                 planted_push(engine, w1.items(), **kwargs)
                 report, blind = judge(engine, cell, w1, ref1, blind=True)
                 shards = report.shards
-                rows.append({
-                    "cell": cell.id, "push": name, "to_w1": report.distance_new, "to_w1_passed": report.to_new.passed,
-                    "tol": report.to_new.tolerance.mean_abs, "to_w0": report.distance_old,
-                    "blind": "passed" if blind.passed else f"FAILED: {blind.diagnosis[:90]}",
-                    "ranks": "; ".join(f"tp {r.tp_rank}: {r.status}" + (f" ({', '.join(n for n, _ in r.off[:2])})" if r.status == "PARTIAL" else "")
-                                       for r in (shards.ranks if shards else [])),
-                    "readback_s": shards.seconds if shards else float("nan"),
-                    "verdict": "passed" if report.passed else f"FAILED [{report.layer}]",
-                })
+                rows.append(
+                    {
+                        "cell": cell.id,
+                        "push": name,
+                        "to_w1": report.distance_new,
+                        "to_w1_passed": report.to_new.passed,
+                        "tol": report.to_new.tolerance.mean_abs,
+                        "to_w0": report.distance_old,
+                        "blind": "passed" if blind.passed else f"FAILED: {blind.diagnosis[:90]}",
+                        "ranks": "; ".join(
+                            f"tp {r.tp_rank}: {r.status}"
+                            + (f" ({', '.join(n for n, _ in r.off[:2])})" if r.status == "PARTIAL" else "")
+                            for r in (shards.ranks if shards else [])
+                        ),
+                        "readback_s": shards.seconds if shards else float("nan"),
+                        "verdict": "passed" if report.passed else f"FAILED [{report.layer}]",
+                    }
+                )
                 print(rows[-1], flush=True)
                 with tempfile.TemporaryDirectory() as tmp:
                     recommended_update(engine, reload, w0, Path(tmp))
                 restored, _ = judge(engine, cell, w0, ref0)
                 if not (restored.to_new.passed and restored.shards is not None and restored.shards.passed):
-                    rows[-1]["after"] = (f"W0 pushed back, every rank's shards verified {'at W0' if restored.shards and restored.shards.passed else 'NOT at W0'}, "
-                                         f"yet logprobs {'fail' if not restored.to_new.passed else 'pass'}: {restored.to_new.reasons[0][:80]}; engine restarted")
+                    rows[-1]["after"] = (
+                        f"W0 pushed back, every rank's shards verified {'at W0' if restored.shards and restored.shards.passed else 'NOT at W0'}, "
+                        f"yet logprobs {'fail' if not restored.to_new.passed else 'pass'}: {restored.to_new.reasons[0][:80]}; engine restarted"
+                    )
                     print(rows[-1]["after"], flush=True)
                     handle.close()
                     engine = handle.engine
         finally:
             handle.close()
-    lines = ["| cell | push | logprobs vs W1: mean \\|Δ\\| (tolerance) | logprob check alone | mean \\|Δ\\| to W0 | "
-             "verdict without the read-back | per-rank read-back | verdict |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| cell | push | logprobs vs W1: mean \\|Δ\\| (tolerance) | logprob check alone | mean \\|Δ\\| to W0 | "
+            "verdict without the read-back | per-rank read-back | verdict |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['cell']} | {r['push']} | {r['to_w1']:.2g} ({r['tol']:g}) | {'passes' if r['to_w1_passed'] else 'fails'} | "
-                     f"{r['to_w0']:.2g} | {r['blind']} | {r['ranks']} | {r['verdict']} |")
+        lines.append(
+            f"| {r['cell']} | {r['push']} | {r['to_w1']:.2g} ({r['tol']:g}) | {'passes' if r['to_w1_passed'] else 'fails'} | "
+            f"{r['to_w0']:.2g} | {r['blind']} | {r['ranks']} | {r['verdict']} |"
+        )
     lines += [f"\n{r['cell']}, {r['push']}: {r['after']}" for r in rows if r.get("after")]
     if pair_lines:
-        lines += ["", "| TP=1 vs TP=2 (execution-mode pair) | values compared | max \\|Δ\\| | bound | tokens diverged | comparison |",
-                  "|---|---|---|---|---|---|", *pair_lines]
+        lines += [
+            "",
+            "| TP=1 vs TP=2 (execution-mode pair) | values compared | max \\|Δ\\| | bound | tokens diverged | comparison |",
+            "|---|---|---|---|---|---|",
+            *pair_lines,
+        ]
     table = "\n".join(lines)
     print(table)
     if args.md:

@@ -29,7 +29,12 @@ def main() -> None:
     from conformance.matrix import load_matrix, select_cells
     from conformance.session import ParitySession
     from conformance.weights.paths import (
-        UPDATE_PATHS, default_probes, head_dtype, path_unavailable, recommended_update, training_batch,
+        UPDATE_PATHS,
+        default_probes,
+        head_dtype,
+        path_unavailable,
+        recommended_update,
+        training_batch,
     )
     from conformance.weights.state import TrainerStandIn
     from conformance.weights.verdict import UpdateCheck, judge_update
@@ -72,15 +77,33 @@ def main() -> None:
                 if reset:
                     engine.reset_prefix_cache()
                 samples = engine.generate(list(probes.requests))
-                report = judge_update(UpdateCheck(
-                    probes.requests, samples, contexts, trainer, new, w0, cell.logprobs_mode, cell.tolerance,
-                    cell.id, path_name, new_reference=ref_new, old_reference=ref0, engine=engine,
-                ))
+                report = judge_update(
+                    UpdateCheck(
+                        probes.requests,
+                        samples,
+                        contexts,
+                        trainer,
+                        new,
+                        w0,
+                        cell.logprobs_mode,
+                        cell.tolerance,
+                        cell.id,
+                        path_name,
+                        new_reference=ref_new,
+                        old_reference=ref0,
+                        engine=engine,
+                    )
+                )
                 row = {
-                    "cell": cell.id, "measure": label, "path": path_name, "reset": reset,
-                    "to_W1": report.distance_new, "to_W0": report.distance_old,
+                    "cell": cell.id,
+                    "measure": label,
+                    "path": path_name,
+                    "reset": reset,
+                    "to_W1": report.distance_new,
+                    "to_W0": report.distance_old,
                     "passed": report.to_new.passed if new is w0 else report.passed,
-                    "diagnosis": report.diagnosis, "cached_sequences": report.cached_sequences,
+                    "diagnosis": report.diagnosis,
+                    "cached_sequences": report.cached_sequences,
                 }
             except EngineFailure as exc:
                 row = {"cell": cell.id, "measure": label, "path": path_name, "reset": reset, "error": exc.reason[:300]}
@@ -101,7 +124,9 @@ def main() -> None:
                 print(path.name, "skipped:", reason, flush=True)
                 continue
             for reset in (False, True):
-                measure("update", path.name, lambda p=path: p.push(engine, w1, Path("/tmp/parity-probe")), reset, w1, ref1)
+                measure(
+                    "update", path.name, lambda p=path: p.push(engine, w1, Path("/tmp/parity-probe")), reset, w1, ref1
+                )
         partials = [
             ("model.layers.1.mlp.down_proj.weight", "reload-iterator"),
             ("model.layers.2.self_attn.q_proj.weight", "reload-iterator"),
@@ -112,11 +137,23 @@ def main() -> None:
             if path_unavailable(UPDATE_PATHS[path_name], engine):
                 continue
             partial = w1.without(name)
-            measure(f"partial (without {name})", path_name,
-                    lambda p=partial, u=UPDATE_PATHS[path_name]: u.push(engine, p, Path("/tmp/parity-probe")), True, w1, ref1)
+            measure(
+                f"partial (without {name})",
+                path_name,
+                lambda p=partial, u=UPDATE_PATHS[path_name]: u.push(engine, p, Path("/tmp/parity-probe")),
+                True,
+                w1,
+                ref1,
+            )
         for i in range(5):
-            measure(f"refit {i + 1} (W0 again)", "reload-iterator",
-                    lambda: UPDATE_PATHS["reload-iterator"].push(engine, w0, Path("/tmp")), True, w0, ref0)
+            measure(
+                f"refit {i + 1} (W0 again)",
+                "reload-iterator",
+                lambda: UPDATE_PATHS["reload-iterator"].push(engine, w0, Path("/tmp")),
+                True,
+                w0,
+                ref0,
+            )
         try:
             UPDATE_PATHS["reload-iterator"].push(engine, w1, Path("/tmp"))
             rows.append({"cell": cell.id, "measure": "lm_head dtype after update", "value": head_dtype(engine)})
@@ -129,20 +166,26 @@ def main() -> None:
 
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    table = ["| cell | measure | path | cache reset | mean abs Δ to W1 | to W0 | verdict | diagnosis / note |", "|---|---|---|---|---|---|---|---|"]
+    table = [
+        "| cell | measure | path | cache reset | mean abs Δ to W1 | to W0 | verdict | diagnosis / note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "to_W1" in r:
             verdict = "pass" if r["passed"] else "FAIL"
             if r["measure"].startswith("refit"):
                 r = {**r, "diagnosis": "(judged against W0)"}
-            table.append(f"| {r['cell']} | {r['measure']} | {r['path']} | {'yes' if r['reset'] else 'no'} | {r['to_W1']:.2g} | {r['to_W0']:.2g} | {verdict} | {r['diagnosis'][:320]} |")
+            table.append(
+                f"| {r['cell']} | {r['measure']} | {r['path']} | {'yes' if r['reset'] else 'no'} | {r['to_W1']:.2g} | {r['to_W0']:.2g} | {verdict} | {r['diagnosis'][:320]} |"
+            )
         else:
             note = r.get("skipped") or r.get("error") or r.get("value")
-            table.append(f"| {r['cell']} | {r['measure']} | {r.get('path', '')} | | | | {'skip' if 'skipped' in r else ('error' if 'error' in r else '')} | {str(note)[:160]} |")
+            table.append(
+                f"| {r['cell']} | {r['measure']} | {r.get('path', '')} | | | | {'skip' if 'skipped' in r else ('error' if 'error' in r else '')} | {str(note)[:160]} |"
+            )
     text = "\n".join(table)
     print(text)
     if args.md:
-
         header = HEADER.format(vllm=vllm_version(), device=args.device, matrix=args.matrix.name, cells=args.cells)
         args.md.write_text(header + "\n" + text + "\n")
 

@@ -29,7 +29,10 @@ def _report(args: argparse.Namespace) -> int:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            print("error: the plots need matplotlib: pip install 'logprob-parity[report]' (or pass --no-plots)", file=sys.stderr)
+            print(
+                "error: the plots need matplotlib: pip install 'logprob-parity[report]' (or pass --no-plots)",
+                file=sys.stderr,
+            )
             return 2
         from conformance.report.plots import all_plots
 

@@ -78,6 +78,7 @@ class Ablation:
     def summary(self) -> str:
         """One sentence, e.g. "fails only while min_p=0.5 and top_p=0.5 are both set; passes with either
         removed (4 engine re-runs)"."""
+
         def named(names: Sequence[str]) -> list[str]:
             return [f"{n}={_short(getattr(self.spec, n))}" for n in names]
 
@@ -92,7 +93,9 @@ class Ablation:
             elif len(kept) == 2:
                 text = f"fails only while {kept[0]} and {kept[1]} are both set; passes with either removed"
             else:
-                text = f"fails only while {', '.join(kept[:-1])} and {kept[-1]} are all set; passes with any one removed"
+                text = (
+                    f"fails only while {', '.join(kept[:-1])} and {kept[-1]} are all set; passes with any one removed"
+                )
             irrelevant = [n for n in self.fields if n not in self.minimal and self.one_at_a_time.get(n) == "failed"]
             if irrelevant:
                 text += f"; still fails with {', '.join(irrelevant)} removed"
@@ -110,7 +113,10 @@ class Ablation:
 
     def table(self) -> list[str]:
         """The one-at-a-time table, one line per parameter."""
-        return [f"{name}={_short(getattr(self.spec, name))} reset: {outcome}" for name, outcome in self.one_at_a_time.items()]
+        return [
+            f"{name}={_short(getattr(self.spec, name))} reset: {outcome}"
+            for name, outcome in self.one_at_a_time.items()
+        ]
 
     def as_record(self) -> dict[str, object]:
         return {
@@ -179,7 +185,9 @@ def ablate(
     return result
 
 
-def _ddmin(items: list[str], fails: Callable[[Sequence[str]], bool], progress: Callable[[list[str]], None]) -> list[str]:
+def _ddmin(
+    items: list[str], fails: Callable[[Sequence[str]], bool], progress: Callable[[list[str]], None]
+) -> list[str]:
     """Zeller's ddmin: a 1-minimal failing subset of ``items`` (which fails); ``progress`` sees every
     smaller failing set as it is found (so a budget stop keeps the best so far)."""
     progress(list(items))

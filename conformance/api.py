@@ -19,11 +19,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from conformance.spec import TrainerSemantics
 from conformance.engines.base import Engine, Request, Sample
-from conformance.matrix import Cell
 from conformance.judge import judge_samples, token_contexts
+from conformance.matrix import Cell
 from conformance.parity import ParityReport
+from conformance.spec import TrainerSemantics
 from conformance.tolerances import Tolerance
 from conformance.trainer import Reference, TrainerFnReference
 
@@ -31,8 +31,8 @@ from conformance.trainer import Reference, TrainerFnReference
 def as_reference(reference: Reference | Callable[..., Sequence[Any]], model_path: Path | None = None) -> Reference:
     """``reference`` itself when it has ``raw_logits``, else a trainer logits function wrapped as one."""
     if hasattr(reference, "raw_logits") and hasattr(reference, "vocab_size"):
-        return reference  # type: ignore[return-value]
-    return TrainerFnReference(reference, model_path)  # type: ignore[arg-type]
+        return reference
+    return TrainerFnReference(reference, model_path)
 
 
 def assert_logprob_parity(

@@ -291,7 +291,9 @@ def _above(competitors: torch.Tensor, own: torch.Tensor, threshold: torch.Tensor
     row_max = sorted_desc[:, :1].clamp_min(-1e30)
     weights = torch.exp(sorted_desc - row_max)
     prefix = torch.cat([torch.zeros_like(weights[:, :1]), torch.cumsum(weights, dim=-1)], dim=-1)
-    count = sorted_desc.shape[-1] - torch.searchsorted(sorted_desc.flip(-1).contiguous(), threshold.contiguous(), right=True)
+    count = sorted_desc.shape[-1] - torch.searchsorted(
+        sorted_desc.flip(-1).contiguous(), threshold.contiguous(), right=True
+    )
     mass = torch.gather(prefix, -1, count)
     self_counted = torch.isfinite(competitors) & (competitors > threshold)
     own_weight = torch.exp(competitors - row_max).nan_to_num(0.0)
@@ -316,7 +318,9 @@ def _band_top_k(own: torch.Tensor, competitors: torch.Tensor, k: int, shift: flo
     return count < k
 
 
-def _band_top_p(own: torch.Tensor, above_set: torch.Tensor, norm_set: torch.Tensor, p: float, shift: float) -> torch.Tensor:
+def _band_top_p(
+    own: torch.Tensor, above_set: torch.Tensor, norm_set: torch.Tensor, p: float, shift: float
+) -> torch.Tensor:
     """Mass strictly above the token (competitors in ``above_set``), its gap moved by ``shift``, over the
     total mass of ``norm_set`` plus the token itself; kept while that fraction is < p."""
     _, mass_above = _above(above_set, own, own + shift)
@@ -428,7 +432,9 @@ def mode_values(dist: ProcessedDistribution, raw_logits: torch.Tensor, mode: Log
     raise ValueError(f"unknown logprobs mode {mode!r}; expected one of {', '.join(LOGPROBS_MODES)}")
 
 
-def trainer_values(raw_logits: torch.Tensor, dist: ProcessedDistribution, spec: SamplingSpec, trainer: TrainerSemantics) -> torch.Tensor:
+def trainer_values(
+    raw_logits: torch.Tensor, dist: ProcessedDistribution, spec: SamplingSpec, trainer: TrainerSemantics
+) -> torch.Tensor:
     """What a trainer with the declared semantics computes for every token (``[positions, vocab]``)."""
     raw = raw_logits.to(torch.float32)
     if trainer == "processed":
@@ -457,10 +463,7 @@ def objective_mismatch(spec: SamplingSpec, trainer: TrainerSemantics) -> str | N
         reasons.append(f"temperature {spec.effective_temperature:g}")
     if not reasons:
         return None
-    return (
-        f"a {trainer!r} trainer scores a different distribution than the sampler used: "
-        + "; ".join(reasons)
-    )
+    return f"a {trainer!r} trainer scores a different distribution than the sampler used: " + "; ".join(reasons)
 
 
 def _truncation_fields(spec: SamplingSpec) -> list[str]:
@@ -498,7 +501,9 @@ class StepVariant(NamedTuple):
 def _variant(step: int, description: str, active: Callable[[SamplingSpec], bool], **deviation: object) -> StepVariant:
     order = StepOrder(**deviation)  # type: ignore[arg-type]
 
-    def fn(raw_logits: torch.Tensor, output_ids: Sequence[int], spec: SamplingSpec, context: TokenContext) -> torch.Tensor:
+    def fn(
+        raw_logits: torch.Tensor, output_ids: Sequence[int], spec: SamplingSpec, context: TokenContext
+    ) -> torch.Tensor:
         return processed_distribution(raw_logits, output_ids, spec, context, order=order).logprobs
 
     return StepVariant(step, description, fn, active, order)
@@ -516,75 +521,89 @@ VARIANTS: dict[str, StepVariant] = {
     # steps 8-10: which survivors top-p's cumulative mass is taken over (min_p and top-k commute: a token's
     # min_p decision is a ratio to the maximum, which every stage keeps; top-k keeps a prefix of the ranking)
     "top_p before min_p": _variant(
-        10, "step 10 top-p decided before step 8 min_p: its cumulative mass includes the tokens min_p removes",
+        10,
+        "step 10 top-p decided before step 8 min_p: its cumulative mass includes the tokens min_p removes",
         lambda s: _sampled(s) and s.top_p < 1.0 and s.min_p > 0.0,
         truncation_order=("top_k", "top_p", "min_p"),
     ),
     "top_p before top_k": _variant(
-        10, "step 10 top-p decided before step 9 top-k: its cumulative mass includes the tokens top-k removes",
+        10,
+        "step 10 top-p decided before step 9 top-k: its cumulative mass includes the tokens top-k removes",
         lambda s: _sampled(s) and s.top_p < 1.0 and s.top_k > 0,
         truncation_order=("min_p", "top_p", "top_k"),
     ),
     "top_p first": _variant(
-        10, "step 10 top-p decided on the whole distribution, before step 8 min_p and step 9 top-k",
+        10,
+        "step 10 top-p decided on the whole distribution, before step 8 min_p and step 9 top-k",
         lambda s: _sampled(s) and s.top_p < 1.0 and (s.top_k > 0 or s.min_p > 0.0),
         truncation_order=("top_p", "min_p", "top_k"),
     ),
     "top_p mass not renormalised": _variant(
-        10, "step 10 top-p accumulates the survivors' full-softmax mass, not renormalised after steps 8-9",
+        10,
+        "step 10 top-p accumulates the survivors' full-softmax mass, not renormalised after steps 8-9",
         lambda s: _sampled(s) and s.top_p < 1.0 and (s.min_p > 0.0 or s.top_k > 0),
         top_p_renormalised=False,
     ),
     "top_p before temperature": _variant(
-        10, "step 10 top-p decided on the logits before step 7 temperature (at T = 1)",
+        10,
+        "step 10 top-p decided on the logits before step 7 temperature (at T = 1)",
         lambda s: _scaled_by_t(s) and s.top_p < 1.0,
         top_p_reads="unscaled",
     ),
     "min_p before temperature": _variant(
-        8, "step 8 min_p decided on the logits before step 7 temperature (at T = 1)",
+        8,
+        "step 8 min_p decided on the logits before step 7 temperature (at T = 1)",
         lambda s: _scaled_by_t(s) and s.min_p > 0.0,
         min_p_reads="unscaled",
     ),
     "min_p against the pre-penalty maximum": _variant(
-        8, "step 8 min_p threshold taken from the maximum probability before steps 1-5 (masks, bias, penalties)",
+        8,
+        "step 8 min_p threshold taken from the maximum probability before steps 1-5 (masks, bias, penalties)",
         lambda s: _sampled(s) and s.min_p > 0.0 and s.reshapes,
         min_p_reads="unshaped max",
     ),
     # step 5: histories and order of the penalties
     "repetition penalty over output only": _variant(
-        5, "step 5 repetition penalty counts only generated tokens as seen, not the prompt's",
+        5,
+        "step 5 repetition penalty counts only generated tokens as seen, not the prompt's",
         lambda s: s.repetition_penalty != 1.0,
         repetition_history="output",
     ),
     "frequency/presence over prompt+output": _variant(
-        5, "step 5 frequency and presence penalties count the prompt's tokens too, not only generated ones",
+        5,
+        "step 5 frequency and presence penalties count the prompt's tokens too, not only generated ones",
         lambda s: s.frequency_penalty != 0.0 or s.presence_penalty != 0.0,
         count_history="prompt+output",
     ),
     "repetition penalty after frequency/presence": _variant(
-        5, "step 5 repetition penalty applied after the frequency and presence penalties",
+        5,
+        "step 5 repetition penalty applied after the frequency and presence penalties",
         lambda s: s.repetition_penalty != 1.0 and (s.frequency_penalty != 0.0 or s.presence_penalty != 0.0),
         repetition_after_counts=True,
     ),
     # steps 4-7: where the bias and the temperature sit
     "logit_bias after penalties": _variant(
-        4, "step 4 logit_bias added after the step 5 penalties (the repetition penalty scales the unbiased logit)",
+        4,
+        "step 4 logit_bias added after the step 5 penalties (the repetition penalty scales the unbiased logit)",
         lambda s: bool(s.logit_bias) and s.repetition_penalty != 1.0,
         bias_after_penalties=True,
     ),
     "temperature before bias/penalties": _variant(
-        7, "step 7 temperature applied before step 4 logit_bias and the step 5 penalties (they act on z/T)",
+        7,
+        "step 7 temperature applied before step 4 logit_bias and the step 5 penalties (they act on z/T)",
         lambda s: _scaled_by_t(s) and (bool(s.logit_bias) or s.frequency_penalty != 0.0 or s.presence_penalty != 0.0),
         temperature_before_shaping=True,
     ),
     "temperature not clamped": _variant(
-        6, "step 6 clamp skipped: 0 < T < 0.01 divides the logits by T itself instead of 0.01",
+        6,
+        "step 6 clamp skipped: 0 < T < 0.01 divides the logits by T itself instead of 0.01",
         lambda s: 0.0 < s.temperature < s.effective_temperature,
         clamp_temperature=False,
     ),
     # step 2
     "bad words matched over prompt+output": _variant(
-        2, "step 2 bad-word prefixes matched against the prompt's tokens too, not only generated ones",
+        2,
+        "step 2 bad-word prefixes matched against the prompt's tokens too, not only generated ones",
         lambda s: bool(s.bad_words),
         bad_word_history="prompt+output",
     ),

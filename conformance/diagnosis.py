@@ -150,10 +150,13 @@ def diagnose(
             diagnosis.minimal_spec = at_minimal.spec.describe()
         if ablation.minimal and ablation.proven and ablation.consistent and report.layer == "inference-path":
             report.layer = "semantic"
-            report.reasons.insert(0, (
-                f"the failure needs {' and '.join(ablation.minimal)} (ablation: the same requests pass with any "
-                "one of them reset), so a sampler step differs, not the numerical path"
-            ))
+            report.reasons.insert(
+                0,
+                (
+                    f"the failure needs {' and '.join(ablation.minimal)} (ablation: the same requests pass with any "
+                    "one of them reset), so a sampler step differs, not the numerical path"
+                ),
+            )
         if report.matched is None and at_minimal is not None and at_minimal.variant is not None:
             from conformance.contract import VARIANTS
 

@@ -96,8 +96,26 @@ class KnownFinding:
 
 
 _NODES = (
-    ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.Compare, ast.Name, ast.Load,
-    ast.Constant, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.Eq, ast.NotEq, ast.In, ast.NotIn, ast.Tuple, ast.List,
+    ast.Expression,
+    ast.BoolOp,
+    ast.And,
+    ast.Or,
+    ast.UnaryOp,
+    ast.Not,
+    ast.Compare,
+    ast.Name,
+    ast.Load,
+    ast.Constant,
+    ast.Lt,
+    ast.LtE,
+    ast.Gt,
+    ast.GtE,
+    ast.Eq,
+    ast.NotEq,
+    ast.In,
+    ast.NotIn,
+    ast.Tuple,
+    ast.List,
     ast.Call,
 )
 
@@ -111,18 +129,21 @@ def check_expression(text: str, where: str) -> None:
     names = {f.name for f in fields(SamplingSpec)} | {"tier", "rows", "greedy", "len"}
     for node in ast.walk(tree):
         if not isinstance(node, _NODES) or (
-            isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name) and node.func.id == "len" and not node.keywords)
+            isinstance(node, ast.Call)
+            and not (isinstance(node.func, ast.Name) and node.func.id == "len" and not node.keywords)
         ):
             raise ValueError(f"{where}: when = {text!r} uses {type(node).__name__}, not allowed in a finding condition")
         if isinstance(node, ast.Name) and node.id not in names:
-            raise ValueError(f"{where}: when = {text!r} names {node.id!r}, not a sampling field, tier, rows, greedy or len")
+            raise ValueError(
+                f"{where}: when = {text!r} names {node.id!r}, not a sampling field, tier, rows, greedy or len"
+            )
 
 
 def evaluate(text: str, names: Mapping[str, Any]) -> Any:
     """Evaluate a checked ``when`` expression (comparisons, and/or/not, constants, the given names)."""
     check_expression(text, "finding")
     scope = {**names, "len": lambda value: 0 if value is None else len(value)}
-    return eval(compile(ast.parse(text, mode="eval"), "<finding>", "eval"), {"__builtins__": {}}, scope)  # noqa: S307 - checked above
+    return eval(compile(ast.parse(text, mode="eval"), "<finding>", "eval"), {"__builtins__": {}}, scope)
 
 
 def load_known_findings(path: Path = KNOWN_FINDINGS) -> list[KnownFinding]:
@@ -145,7 +166,9 @@ def load_known_findings(path: Path = KNOWN_FINDINGS) -> list[KnownFinding]:
     return findings
 
 
-def match_finding(engine: str, version: str | None, text: str, findings: list[KnownFinding] | None = None) -> KnownFinding | None:
+def match_finding(
+    engine: str, version: str | None, text: str, findings: list[KnownFinding] | None = None
+) -> KnownFinding | None:
     """The known crash finding this failure text is, or None."""
     for finding in findings if findings is not None else load_known_findings():
         if finding.matches(engine, version, text):
@@ -154,7 +177,12 @@ def match_finding(engine: str, version: str | None, text: str, findings: list[Kn
 
 
 def covering_finding(
-    engine: str, version: str | None, spec: SamplingSpec, tier: str, rows: int, findings: list[KnownFinding] | None = None
+    engine: str,
+    version: str | None,
+    spec: SamplingSpec,
+    tier: str,
+    rows: int,
+    findings: list[KnownFinding] | None = None,
 ) -> KnownFinding | None:
     """The known divergence finding covering a failed check of ``spec``, or None."""
     for finding in findings if findings is not None else load_known_findings():

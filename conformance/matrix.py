@@ -103,7 +103,8 @@ class Cell:
 
         return json.dumps(
             [self.engine, self.model, self.tier, self.engine_kwargs(), dict(sorted(self.env.items()))],
-            sort_keys=True, default=str,
+            sort_keys=True,
+            default=str,
         )
 
     @property
@@ -183,8 +184,16 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "requires": (list,),
 }
 FAMILIES = (
-    "semantic", "inference-path", "chunked-prefill", "distribution", "precision", "execution-mode", "stress", "golden",
-    "server", "weight-update",
+    "semantic",
+    "inference-path",
+    "chunked-prefill",
+    "distribution",
+    "precision",
+    "execution-mode",
+    "stress",
+    "golden",
+    "server",
+    "weight-update",
 )
 OPT_IN_FAMILIES = ("chunked-prefill", "server")
 """Families that need a dedicated cell configuration (e.g. a tiny step budget) and run only where listed."""
@@ -272,7 +281,9 @@ def parse_matrix(data: Mapping[str, Any], source: str) -> list[Cell]:
         for table in ("env", "engine_kwargs", "tolerance"):
             if table in defaults and table in raw:
                 if not isinstance(defaults[table], dict) or not isinstance(raw[table], dict):
-                    raise MatrixError(f"{source}: cell #{index + 1}: {table} must be a table in [defaults] and the cell")
+                    raise MatrixError(
+                        f"{source}: cell #{index + 1}: {table} must be a table in [defaults] and the cell"
+                    )
                 merged[table] = {**defaults[table], **raw[table]}
         cell = _build_cell(merged, source, index)
         if cell.id in seen:

@@ -27,9 +27,9 @@ from typing import Any, Literal
 
 __all__ = [
     "BUNDLED_MODEL",
+    "VARIANT_RECIPES",
     "Family",
     "ModelRecipe",
-    "VARIANT_RECIPES",
     "build_variant",
     "recipe_hash",
     "resolve_model",

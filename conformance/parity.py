@@ -28,14 +28,21 @@ import torch
 
 from conformance import contract
 from conformance.contract import ProcessedDistribution
-from conformance.spec import LOGPROBS_MODES, TRAINER_SEMANTICS, LogprobsMode, SamplingSpec, TokenContext, TrainerSemantics
 from conformance.engines.base import Sample
 from conformance.metrics import ParityMetrics, bias_excess, compute_metrics
+from conformance.spec import (
+    LOGPROBS_MODES,
+    TRAINER_SEMANTICS,
+    LogprobsMode,
+    SamplingSpec,
+    TokenContext,
+    TrainerSemantics,
+)
 from conformance.tolerances import Tolerance
 
 if TYPE_CHECKING:
-    from conformance.rl_metrics import RLFrameworkMetrics
     from conformance.diagnosis import Diagnosis
+    from conformance.rl_metrics import RLFrameworkMetrics
 
 Layer = Literal["semantic", "inference-path", "objective", "engine"]
 Target = LogprobsMode | TrainerSemantics
@@ -245,11 +252,13 @@ class SequenceInput:
 
 def _target_values(target: Target, dist: ProcessedDistribution, raw: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
     if target in LOGPROBS_MODES:
-        return contract.mode_values(dist, raw, target)  # type: ignore[arg-type]
+        return contract.mode_values(dist, raw, target)
     return contract.trainer_values(raw, dist, spec, target)  # type: ignore[arg-type]
 
 
-def _range(target: Target, dist: ProcessedDistribution, values: torch.Tensor, pos: int, token: int) -> tuple[float, float]:
+def _range(
+    target: Target, dist: ProcessedDistribution, values: torch.Tensor, pos: int, token: int
+) -> tuple[float, float]:
     point = float(values[pos, token])
     if target in _PROCESSED_LOGPROB_TARGETS:
         return contract.logprob_interval(dist, pos, token)
@@ -282,7 +291,9 @@ def _variant_alternatives(spec: SamplingSpec, target: Target) -> dict[str, Alter
     def values(name: str) -> AlternativeFn:
         variant = contract.VARIANTS[name]
 
-        def fn(d: ProcessedDistribution, raw: torch.Tensor, sp: SamplingSpec, ctx: TokenContext, out: Sequence[int]) -> torch.Tensor:
+        def fn(
+            d: ProcessedDistribution, raw: torch.Tensor, sp: SamplingSpec, ctx: TokenContext, out: Sequence[int]
+        ) -> torch.Tensor:
             dist = variant.distribution(raw, out, sp, ctx)
             return dist.logits if logits else dist.logprobs
 
@@ -314,12 +325,18 @@ def _alternatives(spec: SamplingSpec) -> dict[str, AlternativeFn]:
         "raw_logits": lambda d, raw, sp, ctx, out: raw.float(),
         "processed_logprobs": lambda d, raw, sp, ctx, out: d.logprobs,
         "processed_logits": lambda d, raw, sp, ctx, out: d.logits,
-        "temperature-only": lambda d, raw, sp, ctx, out: torch.log_softmax(raw.float() / sp.effective_temperature, dim=-1),
-        "processed, not renormalised after truncation": lambda d, raw, sp, ctx, out: torch.log_softmax(d.scaled, dim=-1).masked_fill(~d.kept, -math.inf),
+        "temperature-only": lambda d, raw, sp, ctx, out: torch.log_softmax(
+            raw.float() / sp.effective_temperature, dim=-1
+        ),
+        "processed, not renormalised after truncation": lambda d, raw, sp, ctx, out: torch.log_softmax(
+            d.scaled, dim=-1
+        ).masked_fill(~d.kept, -math.inf),
         "processed without penalties/bias/masks": renormalised(stripped),
         "processed with temperature applied twice": renormalised(double_t),
         "processed without temperature": renormalised(no_t),
-        "processed, sampled-token values one position late": lambda d, raw, sp, ctx, out: _one_position_late(d.logprobs, out),
+        "processed, sampled-token values one position late": lambda d, raw, sp, ctx, out: _one_position_late(
+            d.logprobs, out
+        ),
     }
 
 
@@ -367,7 +384,9 @@ def check_parity(
     # other semantics are evaluated on them only if the check fails (they cost contract passes). A token the
     # contract masks even within the precision band counts too (its distance under the contract is inf: the
     # variant that keeps it is what explains it); a masked token the band would allow (boundary) does not.
-    alt_inputs: list[tuple[ProcessedDistribution, torch.Tensor, TokenContext, Sequence[int], list[tuple[int, int, float]]]] = []
+    alt_inputs: list[
+        tuple[ProcessedDistribution, torch.Tensor, TokenContext, Sequence[int], list[tuple[int, int, float]]]
+    ] = []
     for s_index, seq in enumerate(sequences):
         sample, raw = seq.sample, seq.raw_logits
         dist = contract.processed_distribution(raw, sample.output_ids, spec, seq.context, band=tolerance.band)
@@ -451,7 +470,7 @@ def check_parity(
         return report
     report.passed = False
     report.alternatives = _alternative_distances(spec, alt_inputs, target)
-    objective = contract.objective_mismatch(spec, target) if trainer_declared and target in TRAINER_SEMANTICS else None  # type: ignore[arg-type]
+    objective = contract.objective_mismatch(spec, target) if trainer_declared and target in TRAINER_SEMANTICS else None
     if objective and not violations:
         report.layer = "objective"
         report.reasons = [objective + " (no engine can match it)"] + numeric
@@ -476,7 +495,9 @@ def check_parity(
 
 def _alternative_distances(
     spec: SamplingSpec,
-    inputs: Sequence[tuple[ProcessedDistribution, torch.Tensor, TokenContext, Sequence[int], list[tuple[int, int, float]]]],
+    inputs: Sequence[
+        tuple[ProcessedDistribution, torch.Tensor, TokenContext, Sequence[int], list[tuple[int, int, float]]]
+    ],
     target: Target = "processed_logprobs",
 ) -> dict[str, float]:
     """Max |Δ| of the finite sampled values under each alternative semantics and each step-order variant
@@ -526,10 +547,7 @@ def _matching_alternative(report: ParityReport, target: Target, tolerance: Toler
             f"{value:.3g}) instead of the contract's {own!r} (max |Δ| {own_value:.3g})"
         )
     else:
-        text = (
-            f"the engine's values match {name!r} (max |Δ| {value:.3g}) instead of {own!r} "
-            f"(max |Δ| {own_value:.3g})"
-        )
+        text = f"the engine's values match {name!r} (max |Δ| {value:.3g}) instead of {own!r} (max |Δ| {own_value:.3g})"
     if others:
         text += "; indistinguishable here: " + ", ".join(repr(k) for k in others)
     return text

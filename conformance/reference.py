@@ -20,6 +20,15 @@ class ReferenceError(ValueError):
     """The reference model cannot be loaded; the message is one line naming the path."""
 
 
+def load_fp32_model(model_path: Path, device: str = "cpu") -> Any:
+    """``AutoModelForCausalLM`` from a local directory in float32 on ``device`` (typed ``Any``: transformers'
+    decorated ``from_pretrained`` does not type-check as a classmethod)."""
+    from transformers import AutoModelForCausalLM
+
+    loader: Any = AutoModelForCausalLM
+    return loader.from_pretrained(model_path, dtype=torch.float32).to(device)
+
+
 class HFReference:
     """An HF causal LM in float32 on ``device``, evaluated without gradients.
 
@@ -31,32 +40,35 @@ class HFReference:
     right) with an attention mask, at most that many padded tokens per forward pass.
     """
 
+    model: Any
+    """The fp32 ``transformers`` model (``eval()`` mode)."""
+
     def __init__(self, model_path: Path, device: str = "cpu", max_batch_tokens: int = 1) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         if not (model_path / "config.json").is_file():
             raise ReferenceError(f"reference model not found: {model_path} has no config.json")
-        from transformers import AutoModelForCausalLM
-
         try:
-            self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+            self.model = load_fp32_model(model_path, device)
         except Exception as exc:  # noqa: BLE001 - one line for the user, not a deep traceback
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ReferenceError(f"cannot load reference model {model_path}: {first}") from None
-        self.model.to(device).eval()
+        self.model.eval()
         self.device = device
         self.model_path = model_path
         self.max_batch_tokens = max_batch_tokens
         self.vocab_size = int(self.model.config.vocab_size)
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, model_path: Path, device: str = "cpu", max_batch_tokens: int = 1) -> "HFReference":
+    def from_model(
+        cls, model: torch.nn.Module, model_path: Path, device: str = "cpu", max_batch_tokens: int = 1
+    ) -> HFReference:
         """A reference over an already-built fp32 model (e.g. a trainer's copy holding updated weights)."""
         self = cls.__new__(cls)
         self.model = model.to(device).eval()
         self.device = device
         self.model_path = model_path
         self.max_batch_tokens = max_batch_tokens
-        self.vocab_size = int(model.config.vocab_size)  # type: ignore[union-attr]
+        self.vocab_size = int(self.model.config.vocab_size)
         return self
 
     @torch.no_grad()

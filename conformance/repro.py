@@ -203,7 +203,14 @@ def expected_source(spec: SamplingSpec, mode: LogprobsMode) -> str:
     before_loop = STEP_SNIPPETS["allowed_token_ids"] if "allowed_token_ids" in shaping else ""
     per_position = "".join(
         STEP_SNIPPETS[name]
-        for name in ("bad_words", "min_tokens", "logit_bias", "repetition_penalty", "frequency_penalty", "presence_penalty")
+        for name in (
+            "bad_words",
+            "min_tokens",
+            "logit_bias",
+            "repetition_penalty",
+            "frequency_penalty",
+            "presence_penalty",
+        )
         if name in shaping
     )
     if spec.greedy:
@@ -211,7 +218,7 @@ def expected_source(spec: SamplingSpec, mode: LogprobsMode) -> str:
     else:
         temperature = (
             "    # step 7: temperature (0 < T < 0.01 clamped to 0.01 by SamplingParams)\n"
-            "    scaled = z / max(s.get(\"temperature\", 1.0), 0.01)\n"
+            '    scaled = z / max(s.get("temperature", 1.0), 0.01)\n'
         )
     truncation = "".join(STEP_SNIPPETS[name] for name in spec.truncation_fields()) if spec.truncates else ""
     return before_loop + "\0" + per_position + "\0" + temperature + "\0" + truncation
@@ -240,12 +247,15 @@ def render_repro(
     before_loop, per_position, temperature, truncation = expected_source(spec, mode).split("\0")
     entries = []
     for (prompt, request_spec), context in zip(requests, contexts, strict=True):
-        entries.append({
-            "prompt_token_ids": list(prompt),
-            "sampling": sampling_kwargs(request_spec),
-            "stop_token_ids": sorted(context.stop_token_ids),
-            "bad_words_token_ids": [list(w) for w in context.bad_words_token_ids],
-        })
+        entries.append(
+            {
+                "prompt_token_ids": list(prompt),
+                "sampling": sampling_kwargs(request_spec),
+                "stop_token_ids": sorted(context.stop_token_ids),
+                "bad_words_token_ids": [list(w) for w in context.bad_words_token_ids],
+            }
+        )
+
     def docstring_safe(text: str) -> str:
         return text.replace("\\", "\\\\").replace('"""', "'''")
 

@@ -66,7 +66,9 @@ def pad(sequences: Sequence[ArrayLike], fill: float = 0.0) -> tuple[NDArray[np.f
     return values, mask
 
 
-def _paired(trainer: Sequence[ArrayLike], engine: Sequence[ArrayLike]) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.bool_]]:
+def _paired(
+    trainer: Sequence[ArrayLike], engine: Sequence[ArrayLike]
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.bool_]]:
     if len(trainer) != len(engine):
         raise ValueError(f"trainer and engine hold {len(trainer)} and {len(engine)} sequences")
     for i, (t, e) in enumerate(zip(trainer, engine)):
@@ -83,17 +85,20 @@ VERL_MASKED_MEAN_EPS = 1e-8
 """verl's ``masked_mean`` divides by ``mask.sum() + 1e-8`` (``verl/utils/torch_functional.py``)."""
 
 
-def _masked_mean(values: NDArray[np.float64], mask: NDArray[np.bool_], axis: int | None = None,
-                 eps: float = 0.0) -> NDArray[np.float64] | float:
+def _masked_mean(
+    values: NDArray[np.float64], mask: NDArray[np.bool_], axis: int | None = None, eps: float = 0.0
+) -> NDArray[np.float64] | float:
     """Mean of ``values`` where ``mask``; ``eps`` is added to the count (verl: 1e-8, NeMo-RL / TRL: 0)."""
     total = np.where(mask, values, 0.0).sum(axis=axis)
     count = mask.sum(axis=axis)
     if axis is None:
         return float(total / (count + eps))
-    return total / (np.maximum(count, 1) if eps == 0.0 else count + eps)
+    return np.asarray(total / (np.maximum(count, 1) if eps == 0.0 else count + eps), dtype=np.float64)
 
 
-def _verl_mean(values: NDArray[np.float64], mask: NDArray[np.bool_], axis: int | None = None) -> NDArray[np.float64] | float:
+def _verl_mean(
+    values: NDArray[np.float64], mask: NDArray[np.bool_], axis: int | None = None
+) -> NDArray[np.float64] | float:
     return _masked_mean(values, mask, axis, VERL_MASKED_MEAN_EPS)
 
 
@@ -232,7 +237,11 @@ class VerlRolloutCorrMetrics:
 
     def prefixed(self) -> dict[str, float]:
         """The numeric fields as verl logs them (``rollout_corr/<name>``)."""
-        return {f"rollout_corr/{k}": v for k, v in asdict(self).items() if isinstance(v, float) and k != "rollout_is_threshold"}
+        return {
+            f"rollout_corr/{k}": v
+            for k, v in asdict(self).items()
+            if isinstance(v, float) and k != "rollout_is_threshold"
+        }
 
 
 def verl_offpolicy_metrics(trainer: Sequence[ArrayLike], engine: Sequence[ArrayLike]) -> dict[str, float]:
@@ -248,8 +257,8 @@ def verl_offpolicy_metrics(trainer: Sequence[ArrayLike], engine: Sequence[ArrayL
     """
     t, e, mask = _paired(trainer, engine)
     delta = np.where(mask, t - e, 0.0)
-    seq_train = _verl_mean(t, mask, axis=-1)
-    seq_roll = _verl_mean(e, mask, axis=-1)
+    seq_train = np.asarray(_verl_mean(t, mask, axis=-1))
+    seq_roll = np.asarray(_verl_mean(e, mask, axis=-1))
     d = seq_roll - seq_train
     rho = np.exp(np.clip(delta, -VERL_SAFETY_BOUND, VERL_SAFETY_BOUND))
     seq_sum = np.clip(delta.sum(axis=-1), -VERL_SAFETY_BOUND, VERL_SAFETY_BOUND)
@@ -303,7 +312,10 @@ def verl_is_metrics(
         raw = np.exp(np.clip(delta, -VERL_SAFETY_BOUND, VERL_SAFETY_BOUND)) * mask
     else:
         seq_log = delta.sum(axis=-1)
-        raw = np.broadcast_to(np.exp(np.clip(seq_log, -VERL_SAFETY_BOUND, VERL_SAFETY_BOUND))[:, None], delta.shape) * mask
+        raw = (
+            np.broadcast_to(np.exp(np.clip(seq_log, -VERL_SAFETY_BOUND, VERL_SAFETY_BOUND))[:, None], delta.shape)
+            * mask
+        )
     weights = np.minimum(raw, upper)
     out["rollout_is_mean"] = float(_verl_mean(weights, mask))
     if rollout_is == "sequence":

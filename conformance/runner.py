@@ -162,7 +162,9 @@ class ParityRunner:
         blocked = failure is self.handle.blocked
         if blocked and test in self._blocked_records:
             return self._blocked_records[test]
-        record = EngineFailureRecord(self.cell.id, params, failure.reason, failure.log_tail, finding.id if finding else None)
+        record = EngineFailureRecord(
+            self.cell.id, params, failure.reason, failure.log_tail, finding.id if finding else None
+        )
         if blocked:
             self._blocked_records[test] = record
         elif finding is not None and finding.fatal:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 LogprobsMode = Literal["raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits"]
 LOGPROBS_MODES: tuple[LogprobsMode, ...] = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
@@ -42,6 +42,7 @@ SHAPING_FIELDS: tuple[str, ...] = (
 
 TRUNCATION_FIELDS: tuple[str, ...] = ("min_p", "top_k", "top_p")
 """Parameters of contract steps 8-10: they remove tokens (never for greedy: vLLM resets them)."""
+
 
 @dataclass(frozen=True)
 class SamplingSpec:
@@ -139,7 +140,7 @@ class SamplingSpec:
 
 REQUEST_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SamplingSpec))
 """Every field, in the order requests and reproductions list them."""
-_DEFAULTS: dict[str, object] = {f.name: f.default for f in dataclasses.fields(SamplingSpec)}
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(SamplingSpec)}
 assert set(SHAPING_FIELDS + TRUNCATION_FIELDS) <= set(REQUEST_FIELDS)
 
 

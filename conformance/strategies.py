@@ -13,11 +13,11 @@ All profiles have no deadline (engine calls take variable time) and print the re
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from hypothesis import strategies as st
 
 from conformance.spec import SamplingSpec
-
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,7 @@ def sampling_specs(
     bad_words: tuple[str, ...] = ()
     if vocab.words:
         bad_words = tuple(draw(st.lists(st.sampled_from(vocab.words), max_size=3, unique=True)))
-    bias = draw(
-        st.lists(st.tuples(token, st.floats(-10, 10, allow_nan=False)), max_size=5, unique_by=lambda tb: tb[0])
-    )
+    bias = draw(st.lists(st.tuples(token, st.floats(-10, 10, allow_nan=False)), max_size=5, unique_by=lambda tb: tb[0]))
     generated = draw(st.integers(1, max_tokens))
     temp = draw(temperature if temperature is not None else temperatures())
     return SamplingSpec(
@@ -105,10 +103,10 @@ def cases(
     return Case(tuple(prompts), spec)
 
 
-def vocabulary_from_tokenizer(tokenizer: object, size: int, limit: int = 400) -> Vocabulary:
+def vocabulary_from_tokenizer(tokenizer: Any, size: int, limit: int = 400) -> Vocabulary:
     """Build a :class:`Vocabulary` from an HF tokenizer: bad-word candidates are decoded single tokens."""
     words: list[str] = []
-    decode = getattr(tokenizer, "decode")
+    decode = tokenizer.decode
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     for token_id in range(min(size, 4 * limit)):
         if token_id in special:

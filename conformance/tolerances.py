@@ -36,7 +36,7 @@ class Tolerance:
     mean_abs: float
     bias: float
 
-    def with_overrides(self, overrides: dict[str, Any], where: str) -> "Tolerance":
+    def with_overrides(self, overrides: dict[str, Any], where: str) -> Tolerance:
         """A copy with the given fields replaced; unknown names raise ``ValueError`` naming ``where``."""
         known = {f.name for f in fields(self)}
         for key, value in overrides.items():

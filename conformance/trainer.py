@@ -30,7 +30,7 @@ import inspect
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
@@ -49,7 +49,7 @@ class Reference(Protocol):
         """Size of the logits' last dimension (the model's vocabulary)."""
         ...
 
-    def raw_logits(self, sequences: Sequences) -> list["torch.Tensor"]:
+    def raw_logits(self, sequences: Sequences) -> list[torch.Tensor]:
         """Per ``(prompt_ids, output_ids)`` pair, fp32 logits ``[len(output_ids), vocab_size]`` on CPU;
         row ``i`` predicted ``output_ids[i]``."""
         ...
@@ -72,7 +72,9 @@ def load_object(spec: str, option: str) -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any import problem is the user's, in one line
         text = " ".join(str(exc).split())[:200]
-        raise SpecError(f"{option} {spec!r}: cannot import module {module_name!r}: {type(exc).__name__}: {text}") from None
+        raise SpecError(
+            f"{option} {spec!r}: cannot import module {module_name!r}: {type(exc).__name__}: {text}"
+        ) from None
     target: Any = module
     for part in attribute.split("."):
         if not hasattr(target, part):
@@ -80,7 +82,7 @@ def load_object(spec: str, option: str) -> Callable[..., Any]:
         target = getattr(target, part)
     if not callable(target):
         raise SpecError(f"{option} {spec!r}: {attribute!r} is a {type(target).__name__}, not callable")
-    return target
+    return cast("Callable[..., Any]", target)
 
 
 def _model_vocab(model_path: Path | None) -> int | None:
@@ -123,7 +125,7 @@ class TrainerFnReference:
         assert self._vocab is not None
         return self._vocab
 
-    def raw_logits(self, sequences: Sequences) -> list["torch.Tensor"]:
+    def raw_logits(self, sequences: Sequences) -> list[torch.Tensor]:
         import torch
 
         pairs = [(list(map(int, p)), list(map(int, o))) for p, o in sequences]

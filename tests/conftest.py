@@ -85,7 +85,8 @@ def make_runner(engines: Any, kit_session: Any) -> Any:
 
     def make(cell_id: str, trainer: str | None = None, handle: Any = None) -> ParityRunner:
         runner = kit_session.runner(
-            handle.cell if handle is not None else engines(cell_id).cell, handle if handle is not None else engines(cell_id)
+            handle.cell if handle is not None else engines(cell_id).cell,
+            handle if handle is not None else engines(cell_id),
         )
         runner.trainer = trainer
         return cast(ParityRunner, runner)

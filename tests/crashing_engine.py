@@ -19,7 +19,12 @@ NEEDLE = "assert self.planted_buffer is not None"
 """The crash's own line: 1 line of the log, 40 lines above its end (outside a 25-line tail)."""
 LOG = "\n".join(
     [f"INFO step {i}" for i in range(10)]
-    + ["Traceback (most recent call last):", '  File "runner.py", line 3174, in gather', f"    {NEEDLE}", "AssertionError"]
+    + [
+        "Traceback (most recent call last):",
+        '  File "runner.py", line 3174, in gather',
+        f"    {NEEDLE}",
+        "AssertionError",
+    ]
     + [f"ERROR core: KeyError traceback line {i}" for i in range(30)]
     + ["KeyError: '0-abc'"]
     + [f"INFO shutdown {i}" for i in range(9)]
@@ -50,7 +55,11 @@ class CrashingEngine:
     def generate(self, requests: Sequence[Request]) -> list[list[Sample]]:
         self.dead = True
         tail = "\n".join(LOG.splitlines()[-25:])
-        raise EngineFailure(f"cell {self.cell.id}: engine failed during generate: EngineDeadError (root cause: KeyError: '0-abc')", tail, LOG)
+        raise EngineFailure(
+            f"cell {self.cell.id}: engine failed during generate: EngineDeadError (root cause: KeyError: '0-abc')",
+            tail,
+            LOG,
+        )
 
     def close(self) -> None:
         pass

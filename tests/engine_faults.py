@@ -32,9 +32,9 @@ MODES: dict[str, str] = {
     "temperature-twice": "logits divided by the temperature twice (sampling and reported values)",
     "temperature-none": "temperature never applied (sampling and reported values)",
     "not-renormalised": "processed logprobs not renormalised after top-k/top-p (log_softmax before truncation, "
-                        "-inf outside the kept set)",
+    "-inf outside the kept set)",
     "penalties-unreported": "sampling uses penalties/logit_bias, the reported logprobs are of the distribution "
-                            "without them (temperature and top-k/top-p still applied)",
+    "without them (temperature and top-k/top-p still applied)",
     "bf16-logits": "the model's logits rounded to bfloat16 in an fp32 cell",
     "bf16-head": "the lm_head matmul in bfloat16 (hidden states and weights) where the cell configured fp32",
     "batch-noise": "logits perturbed (±0.01 by token id) whenever a step holds more than one sequence",
@@ -46,7 +46,7 @@ MODES: dict[str, str] = {
     "repetition-output-only": "the repetition penalty sees an empty prompt (only generated tokens count as seen)",
     "penalties-over-prompt": "frequency/presence penalties count the prompt's tokens as if generated",
     "temperature-before-penalties": "temperature applied before the logits processors and penalties "
-                                    "(bias and frequency/presence act on z/T)",
+    "(bias and frequency/presence act on z/T)",
     "bias-after-penalties": "the logit_bias processor applied after the penalties instead of before",
 }
 """Fault mode -> what it plants."""
@@ -190,8 +190,12 @@ def _install(worker: Any) -> str:
                 [t for t in row if t < vocab] + list(out) for row, out in zip(prompt.tolist(), output_token_ids)
             ]
         return apply_all_penalties(
-            logits, prompt, metadata.presence_penalties, metadata.frequency_penalties,
-            metadata.repetition_penalties, output_token_ids,
+            logits,
+            prompt,
+            metadata.presence_penalties,
+            metadata.frequency_penalties,
+            metadata.repetition_penalties,
+            output_token_ids,
         )
 
     def compute_logits(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:

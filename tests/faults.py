@@ -50,13 +50,17 @@ def on_prefill_rescore(delta: float) -> Fault:
     def fault(requests: Sequence[Request], out: list[list[Sample]]) -> list[list[Sample]]:
         shifted = []
         for group in out:
-            shifted.append([
-                dataclasses.replace(
-                    s,
-                    prompt_values=[None if e is None else {t: v + delta for t, v in e.items()} for e in s.prompt_values],
-                )
-                for s in group
-            ])
+            shifted.append(
+                [
+                    dataclasses.replace(
+                        s,
+                        prompt_values=[
+                            None if e is None else {t: v + delta for t, v in e.items()} for e in s.prompt_values
+                        ],
+                    )
+                    for s in group
+                ]
+            )
         return shifted
 
     return fault
@@ -128,8 +132,7 @@ def on_long_prefill(delta: float, budget: int) -> Fault:
 
     def fault(requests: Sequence[Request], out: list[list[Sample]]) -> list[list[Sample]]:
         return [
-            [_jitter(s, delta) if len(r.prompt_ids) > budget else s for s in group]
-            for r, group in zip(requests, out)
+            [_jitter(s, delta) if len(r.prompt_ids) > budget else s for s in group] for r, group in zip(requests, out)
         ]
 
     return fault

@@ -13,16 +13,26 @@ from conformance.ablation import ABLATED_FIELDS, Ablation, Outcome, ablate, abla
 from conformance.spec import SamplingSpec
 
 FAILING = SamplingSpec(
-    temperature=0.7, top_p=0.5, min_p=0.5, top_k=20, frequency_penalty=0.3, logit_bias=((3, 1.0),),
-    seed=4, max_tokens=2, logprobs=2, n=2,
+    temperature=0.7,
+    top_p=0.5,
+    min_p=0.5,
+    top_k=20,
+    frequency_penalty=0.3,
+    logit_bias=((3, 1.0),),
+    seed=4,
+    max_tokens=2,
+    logprobs=2,
+    n=2,
 )
 
 
 def fails_while(*groups: tuple[str, ...]) -> Callable[[SamplingSpec], Outcome]:
     """A fake check that fails while every parameter of any one group is set (non-default)."""
+
     def outcome(spec: SamplingSpec) -> Outcome:
         set_now = set(spec.non_default())
         return "failed" if any(set(g) <= set_now for g in groups) else "passed"
+
     return outcome
 
 
@@ -32,6 +42,7 @@ def counting(check: Callable[[SamplingSpec], Outcome]) -> tuple[Callable[[Sampli
     def outcome(spec: SamplingSpec) -> Outcome:
         seen.append(spec)
         return check(spec)
+
     return outcome, seen
 
 
@@ -49,8 +60,12 @@ def test_pair_interaction_is_found_and_said() -> None:
     assert result.minimal == ("min_p", "top_p")
     assert result.proven
     assert result.one_at_a_time == {
-        "temperature": "failed", "min_p": "passed", "top_k": "failed", "top_p": "passed",
-        "frequency_penalty": "failed", "logit_bias": "failed",
+        "temperature": "failed",
+        "min_p": "passed",
+        "top_k": "failed",
+        "top_p": "passed",
+        "frequency_penalty": "failed",
+        "logit_bias": "failed",
     }
     assert result.calls == len(seen) == 6 + 1 + 2  # one at a time, the needed pair, each half of it
     for spec in seen:  # generation parameters never touched
@@ -143,6 +158,7 @@ def test_a_check_failing_at_random_is_not_consistent() -> None:
     """Outcomes that do not follow the parameters (here: fails iff an even number of them is set): ddmin
     still returns a 1-minimal set, but some re-run that kept it passed, so it is not called consistent
     and the diagnosis does not reclass the failure as parameter-dependent."""
+
     def outcome(spec: SamplingSpec) -> Outcome:
         return "failed" if len(ablated_fields(spec)) % 2 == 0 else "passed"
 

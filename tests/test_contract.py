@@ -36,6 +36,7 @@ from conformance.spec import SamplingSpec, TokenContext
 NEG_INF = float("-inf")
 EPS32 = 2.0**-23  # fp32 machine epsilon
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread(one_torch_thread: None) -> None:
     """Tiny tensors: see tests/conftest.py."""
@@ -92,9 +93,7 @@ def brute_shape(
     # 2. bad words: last token masked when the *output* so far ends with the word's other tokens
     for word in bad_words:
         prefix = list(word[:-1])
-        if len(prefix) == 0:
-            z[word[-1]] = NEG_INF
-        elif len(history) >= len(prefix) and history[len(history) - len(prefix) :] == prefix:
+        if len(prefix) == 0 or len(history) >= len(prefix) and history[len(history) - len(prefix) :] == prefix:
             z[word[-1]] = NEG_INF
     # 3. min_tokens: stop tokens masked while fewer than min_tokens tokens were generated
     if position < spec.min_tokens:
@@ -293,9 +292,7 @@ def cases(draw: st.DrawFn) -> Case:
     stop_extra = draw(st.frozensets(token, max_size=3))
     stop = frozenset(stop_extra | ({eos} if eos is not None else set()))
     spec = SamplingSpec(
-        temperature=draw(
-            st.one_of(st.just(1.0), st.just(0.0), st.floats(1e-4, 0.0099), st.floats(0.01, 2.0))
-        ),
+        temperature=draw(st.one_of(st.just(1.0), st.just(0.0), st.floats(1e-4, 0.0099), st.floats(0.01, 2.0))),
         top_p=draw(_maybe(1.0, st.floats(0.01, 0.999))),
         top_k=draw(st.one_of(st.just(0), st.just(-1), st.integers(1, vocab + 2))),
         min_p=draw(_maybe(0.0, st.floats(0.001, 1.0))),
@@ -303,15 +300,9 @@ def cases(draw: st.DrawFn) -> Case:
         frequency_penalty=draw(_maybe(0.0, st.floats(-2.0, 2.0))),
         presence_penalty=draw(_maybe(0.0, st.floats(-2.0, 2.0))),
         logit_bias=tuple(
-            draw(
-                st.lists(
-                    st.tuples(token, st.floats(-5.0, 5.0, width=32)), max_size=4, unique_by=lambda tb: tb[0]
-                )
-            )
+            draw(st.lists(st.tuples(token, st.floats(-5.0, 5.0, width=32)), max_size=4, unique_by=lambda tb: tb[0]))
         ),
-        allowed_token_ids=draw(
-            _maybe(None, st.frozensets(token, min_size=1).map(lambda s: tuple(sorted(s))))
-        ),
+        allowed_token_ids=draw(_maybe(None, st.frozensets(token, min_size=1).map(lambda s: tuple(sorted(s))))),
         bad_words=tuple(f"w{i}" for i in range(len(bad_words))),
         min_tokens=draw(st.integers(0, positions + 1)),
         stop_token_ids=tuple(sorted(stop_extra)),
@@ -522,7 +513,7 @@ def test_clamped_temperature_is_not_greedy() -> None:
 
 def test_bad_words_match_output_history_only() -> None:
     row = [0.0] * 6
-    ctx = dict(bad_words_token_ids=((2, 3),))
+    ctx = {"bad_words_token_ids": ((2, 3),)}
     # prompt ends with 2 but no output yet: the word (2, 3) does not fire at position 0
     dist = _dist(row, SamplingSpec(), output=(2, 5, 2), prompt=(1, 2), **ctx)
     assert float(dist.logprobs[0, 3]) > NEG_INF
@@ -627,32 +618,35 @@ def _band_case(raw, spec, band, delta, prompt=()):
     ref = torch.tensor([raw], dtype=torch.float32)
     dist = processed_distribution(ref, [0], spec, ctx, band=band)
     moved = processed_distribution(ref + torch.tensor([delta]), [0], spec, ctx)
-    return _kept(dist), {int(t) for t in torch.nonzero(dist.sure[0]).flatten()}, {
-        int(t) for t in torch.nonzero(dist.maybe[0]).flatten()
-    }, _kept(moved)
+    return (
+        _kept(dist),
+        {int(t) for t in torch.nonzero(dist.sure[0]).flatten()},
+        {int(t) for t in torch.nonzero(dist.maybe[0]).flatten()},
+        _kept(moved),
+    )
 
 
 def test_top_p_maybe_covers_joint_perturbation() -> None:
-    kept, sure, maybe, moved = _band_case([1.0, 0.0, -0.05], SamplingSpec(top_p=0.54), 0.1, [-0.1, 0.1, 0.1])
+    kept, _sure, maybe, moved = _band_case([1.0, 0.0, -0.05], SamplingSpec(top_p=0.54), 0.1, [-0.1, 0.1, 0.1])
     assert kept == {0} and moved == {0, 1}
     assert moved <= maybe
 
 
 def test_top_p_sure_covers_joint_perturbation() -> None:
-    kept, sure, maybe, moved = _band_case([1.0, 0.0, -0.5], SamplingSpec(top_p=0.66), 0.1, [0.1, -0.1, -0.1])
+    kept, sure, _maybe, moved = _band_case([1.0, 0.0, -0.5], SamplingSpec(top_p=0.66), 0.1, [0.1, -0.1, -0.1])
     assert kept == {0, 1} and moved == {0}
     assert sure <= moved
 
 
 def test_maybe_covers_min_p_then_top_k_cascade() -> None:
     spec = SamplingSpec(min_p=0.5, top_k=1)
-    kept, sure, maybe, moved = _band_case([0.0, -0.8, -5.0], spec, 0.5, [-0.5, 0.5, 0.0])
+    kept, _sure, maybe, moved = _band_case([0.0, -0.8, -5.0], spec, 0.5, [-0.5, 0.5, 0.0])
     assert kept == {0} and moved == {1}
     assert moved <= maybe
 
 
 def test_maybe_covers_repetition_penalty_scaling() -> None:
     spec = SamplingSpec(top_k=1, repetition_penalty=2.0)
-    kept, sure, maybe, moved = _band_case([-1.0, -1.0015, -5.0], spec, 1e-3, [-1e-3, 1e-3, 0.0], prompt=(0, 1))
+    kept, _sure, maybe, moved = _band_case([-1.0, -1.0015, -5.0], spec, 1e-3, [-1e-3, 1e-3, 0.0], prompt=(0, 1))
     assert kept == {0} and moved == {1}
     assert moved <= maybe

@@ -34,13 +34,26 @@ class FakeRunner:
         assert record is False  # re-runs of a diagnosis are never recorded as checks
         spec = requests[0].spec
         variant = self.variant_at(spec)
-        return SimpleNamespace(passed=not self.fails(spec), spec=spec, variant=variant, variant_ties=[],
-                               alternatives={variant: 1e-6} if variant else {})
+        return SimpleNamespace(
+            passed=not self.fails(spec),
+            spec=spec,
+            variant=variant,
+            variant_ties=[],
+            alternatives={variant: 1e-6} if variant else {},
+        )
 
 
 def _report(layer: str = "inference-path", matched: str | None = None) -> Any:
-    return SimpleNamespace(passed=False, spec=FAILING, layer=layer, reasons=["max |Δ| 0.5 > 0.0001"],
-                           variant=None, variant_ties=[], matched=matched, diagnosis=None)
+    return SimpleNamespace(
+        passed=False,
+        spec=FAILING,
+        layer=layer,
+        reasons=["max |Δ| 0.5 > 0.0001"],
+        variant=None,
+        variant_ties=[],
+        matched=matched,
+        diagnosis=None,
+    )
 
 
 REQUESTS = [Request((1, 2, 3), FAILING), Request((4, 5), SamplingSpec(**{**FAILING.__dict__, "seed": 6}))]

@@ -12,7 +12,11 @@ from conformance.spec import SamplingSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPP = KnownFinding(
-    id="topp", engine="vllm", versions=">=0.26,<0.27", summary="s", kind="divergence",
+    id="topp",
+    engine="vllm",
+    versions=">=0.26,<0.27",
+    summary="s",
+    kind="divergence",
     when="tier == 'gpu' and top_p < 1 and (min_p > 0 or allowed_token_ids)",
 )
 
@@ -71,9 +75,29 @@ register_engine("reference-engine", "tests.reference_engine:factory")
     )
     # A temperature-blind ('raw') trainer against processed values: semantic failures wherever T != 1.
     return pytester.runpytest_subprocess(
-        "-p", "conformance.plugin", "--pyargs", "conformance.suite", "-m", "parity", "--parity-matrix", "m.toml",
-        "--parity-findings", "f.toml", "-k", "test_logprobs_match_contract", "--parity-trainer", "raw",
-        "--parity-examples", "6", "--parity-shrink", "false", "--parity-device", "cpu", "-p", "no:cacheprovider", "-rx",
+        "-p",
+        "conformance.plugin",
+        "--pyargs",
+        "conformance.suite",
+        "-m",
+        "parity",
+        "--parity-matrix",
+        "m.toml",
+        "--parity-findings",
+        "f.toml",
+        "-k",
+        "test_logprobs_match_contract",
+        "--parity-trainer",
+        "raw",
+        "--parity-examples",
+        "6",
+        "--parity-shrink",
+        "false",
+        "--parity-device",
+        "cpu",
+        "-p",
+        "no:cacheprovider",
+        "-rx",
     )
 
 
@@ -109,9 +133,24 @@ register_engine("crashing-engine", "tests.crashing_engine:factory")
         f'match = "{NEEDLE}"\nfatal = {str(fatal).lower()}\n'
     )
     result = pytester.runpytest_subprocess(
-        "-p", "conformance.plugin", "--pyargs", "conformance.suite", "-m", "parity", "--parity-matrix", "m.toml",
+        "-p",
+        "conformance.plugin",
+        "--pyargs",
+        "conformance.suite",
+        "-m",
+        "parity",
+        "--parity-matrix",
+        "m.toml",
         # 12 cases = 3 examples of 4 (plugin.fixture.CASES_PER_EXAMPLE): three engine calls per property
-        "--parity-findings", "f.toml", "--parity-examples", "12", "--parity-device", "cpu", "-p", "no:cacheprovider", "-rx",
+        "--parity-findings",
+        "f.toml",
+        "--parity-examples",
+        "12",
+        "--parity-device",
+        "cpu",
+        "-p",
+        "no:cacheprovider",
+        "-rx",
     )
     return result, len(starts.read_text().splitlines()) if starts.exists() else 0
 

@@ -179,8 +179,18 @@ def test_corrupted_golden_bytes_fail_in_a_session(pytester: pytest.Pytester, tmp
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
     result = pytester.runpytest_subprocess(
-        "-p", "conformance.plugin", "--pyargs", "conformance.suite.test_golden", "-p", "no:cacheprovider",
-        "--parity-cells", "fp32-processed", "--parity-golden-dir", str(golden), "-k", "greedy",
+        "-p",
+        "conformance.plugin",
+        "--pyargs",
+        "conformance.suite.test_golden",
+        "-p",
+        "no:cacheprovider",
+        "--parity-cells",
+        "fp32-processed",
+        "--parity-golden-dir",
+        str(golden),
+        "-k",
+        "greedy",
     )
     result.assert_outcomes(failed=1)
     out = result.stdout.str()

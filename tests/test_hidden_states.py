@@ -8,7 +8,11 @@ import torch
 from conformance.weights.hidden_states import FP32_THRESHOLD, MODULES, compare
 
 NAMES = [
-    "model.embed_tokens", "model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.1.self_attn", "model.norm",
+    "model.embed_tokens",
+    "model.layers.0.self_attn",
+    "model.layers.0.mlp",
+    "model.layers.1.self_attn",
+    "model.norm",
 ]
 
 

@@ -65,7 +65,9 @@ def test_shipped_cpu_matrix_loads() -> None:
         pytest.param(
             '[[cell]]\nid = "a"\ndtype = "float64"\nlogprobs_mode = "processed_logprobs"\n', "dtype", id="bad-dtype"
         ),
-        pytest.param('[[cell]]\nid = "a"\ndtype = "float32"\nlogprobs_mode = "logprobs"\n', "logprobs_mode", id="bad-mode"),
+        pytest.param(
+            '[[cell]]\nid = "a"\ndtype = "float32"\nlogprobs_mode = "logprobs"\n', "logprobs_mode", id="bad-mode"
+        ),
         pytest.param("[[cell]]\n" + GOOD_CELL + "[cell.tolerance]\nslack = 0.1\n", "slack", id="unknown-tolerance-key"),
         pytest.param("[[cell]]\n" + GOOD_CELL + '[cell.tolerance]\nband = "x"\n', "band", id="bad-tolerance-value"),
         pytest.param('[[cell]]\nid = "a"\ndtype = "float32"\n', "logprobs_mode", id="missing-required"),
@@ -73,7 +75,9 @@ def test_shipped_cpu_matrix_loads() -> None:
         pytest.param("[[cell]]\n" + GOOD_CELL + "gpus = 0\n", "gpus", id="gpus-non-positive"),
         pytest.param("[[cell]]\n" + GOOD_CELL + 'gpus = "2"\n', "gpus", id="gpus-not-int"),
         pytest.param("[[cell]]\n" + GOOD_CELL + "env = { A = 1 }\n", "env['A']", id="env-not-string"),
-        pytest.param('[[cell]]\nid = "Has Space"\ndtype = "float32"\nlogprobs_mode = "raw_logprobs"\n', "id", id="bad-id"),
+        pytest.param(
+            '[[cell]]\nid = "Has Space"\ndtype = "float32"\nlogprobs_mode = "raw_logprobs"\n', "id", id="bad-id"
+        ),
         pytest.param("[defaults]\ncolour = 1\n[[cell]]\n" + GOOD_CELL, "colour", id="unknown-default-key"),
         pytest.param("[[cell]]\n" + GOOD_CELL + "[[cell]]\n" + GOOD_CELL, "'a'", id="duplicate-id"),
     ],
@@ -189,7 +193,7 @@ def test_non_table_cell_is_matrix_error(tmp_path: Path, text: str) -> None:
 
 
 def test_non_table_default_env_is_matrix_error(tmp_path: Path) -> None:
-    _error(_write(tmp_path, '[defaults]\nenv = "x"\n[[cell]]\n' + GOOD_CELL + "env = { A = \"1\" }\n"))
+    _error(_write(tmp_path, '[defaults]\nenv = "x"\n[[cell]]\n' + GOOD_CELL + 'env = { A = "1" }\n'))
 
 
 def test_env_name_with_newline_stays_one_line(tmp_path: Path) -> None:
@@ -224,7 +228,10 @@ def test_shipped_parallel_cells() -> None:
     """CPU: TP=2 and PP=2 with one core per rank and the TP=1 step budget pinned (vLLM's CPU default doubles
     with the world size); GPU: the same cells on 2 GPUs with NVLink multicast off."""
     cpu = {c.id: c for c in load_matrix(CPU_MATRIX)}
-    for cell_id, key in (("fp32-processed-tp2", "tensor_parallel_size"), ("fp32-processed-pp2", "pipeline_parallel_size")):
+    for cell_id, key in (
+        ("fp32-processed-tp2", "tensor_parallel_size"),
+        ("fp32-processed-pp2", "pipeline_parallel_size"),
+    ):
         cell = cpu[cell_id]
         kwargs = cell.engine_kwargs()
         assert kwargs[key] == 2 and kwargs["max_num_batched_tokens"] == 4096 and kwargs["max_num_seqs"] == 256, kwargs
@@ -232,7 +239,10 @@ def test_shipped_parallel_cells() -> None:
     assert cpu["fp32-processed-pp2"].families == ("semantic",)
     assert cpu["fp32-processed-tp2"].families is not None and "semantic" in cpu["fp32-processed-tp2"].families
     gpu = {c.id: c for c in load_matrix(GPU_MATRIX)}
-    for cell_id, key in (("gpu-fp32-processed-tp2", "tensor_parallel_size"), ("gpu-fp32-processed-pp2", "pipeline_parallel_size")):
+    for cell_id, key in (
+        ("gpu-fp32-processed-tp2", "tensor_parallel_size"),
+        ("gpu-fp32-processed-pp2", "pipeline_parallel_size"),
+    ):
         cell = gpu[cell_id]
         assert cell.tier == "gpu" and cell.gpus == 2 and cell.engine_kwargs()[key] == 2
         assert {k: cell.env.get(k) for k in NVLS_OFF} == NVLS_OFF, cell.env
@@ -248,15 +258,22 @@ def test_parallel_cells_pair_on_the_tensor_parallel_switch() -> None:
     pairs = {(a.id, b.id): switch for a, b, switch in switch_pairs(cells)}
     assert pairs[("fp32-processed", "fp32-processed-tp2")] == "tensor parallel size"
     assert pairs[("gpu-fp32-processed", "gpu-fp32-processed-tp2")] == "tensor parallel size"
-    assert pairs[("fp32-processed", "fp32-processed-chunked")] == "chunked prefill budget"  # unchanged by the TP switch sharing its fields
+    assert (
+        pairs[("fp32-processed", "fp32-processed-chunked")] == "chunked prefill budget"
+    )  # unchanged by the TP switch sharing its fields
     assert not [p for p in pairs if any(c.endswith("-pp2") for c in p)], pairs
 
 
-@pytest.mark.parametrize(("available", "count", "reason"), [
-    (False, 0, "is a GPU cell (tier 'gpu') and torch.cuda.is_available() is False"),
-    (True, 1, "needs 2 GPUs and torch.cuda.device_count() is 1"),
-])
-def test_two_gpu_cell_skips_with_the_reason(monkeypatch: pytest.MonkeyPatch, available: bool, count: int, reason: str) -> None:
+@pytest.mark.parametrize(
+    ("available", "count", "reason"),
+    [
+        (False, 0, "is a GPU cell (tier 'gpu') and torch.cuda.is_available() is False"),
+        (True, 1, "needs 2 GPUs and torch.cuda.device_count() is 1"),
+    ],
+)
+def test_two_gpu_cell_skips_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch, available: bool, count: int, reason: str
+) -> None:
     import torch
 
     from conformance.plugin import skip_unless_runnable

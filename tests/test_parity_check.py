@@ -14,15 +14,16 @@ import torch
 
 from conformance import contract
 from conformance.contract import ProcessedDistribution
-from conformance.spec import SamplingSpec, TokenContext
 from conformance.engines.base import Sample
 from conformance.parity import ParityReport, SequenceInput, check_parity
+from conformance.spec import SamplingSpec, TokenContext
 from conformance.tolerances import DEFAULT_TOLERANCES
 
 FP32 = DEFAULT_TOLERANCES["cpu-float32"]
 BF16 = DEFAULT_TOLERANCES["cpu-bfloat16"]
 VOCAB = 48
 EOS = VOCAB - 1
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread(one_torch_thread: None) -> None:
@@ -75,7 +76,9 @@ def build(
     return out
 
 
-def check(inputs: list[SequenceInput], spec: SamplingSpec, target="processed_logprobs", tolerance=FP32, **kw) -> ParityReport:
+def check(
+    inputs: list[SequenceInput], spec: SamplingSpec, target="processed_logprobs", tolerance=FP32, **kw
+) -> ParityReport:
     return check_parity(inputs, spec, target, tolerance, cell="fp32-processed", **kw)
 
 
@@ -120,7 +123,7 @@ def test_clean_other_modes_pass(mode: str) -> None:
 
 def test_bf16_sized_noise_passes_bf16_tolerance() -> None:
     spec = SamplingSpec(temperature=1.0)
-    noisy = lambda d, raw, g: d.logprobs + torch.randn(d.logprobs.shape, generator=g) * 0.01  # noqa: E731
+    noisy = lambda d, raw, g: d.logprobs + torch.randn(d.logprobs.shape, generator=g) * 0.01
     report = check(build(spec, noisy, band=BF16.band), spec, tolerance=BF16)
     assert report.passed, report.explain()
 
@@ -297,19 +300,28 @@ def _reported(inputs: list[SequenceInput], table: Callable[[SequenceInput], torc
         sample = seq.sample
         sampled: list[float | None] = [float(values[i, t]) for i, t in enumerate(sample.output_ids)]
         tops = [{t: float(values[i, t]) for t in top} for i, top in enumerate(sample.top_values)]
-        out.append(SequenceInput(Sample(sample.prompt_ids, sample.output_ids, sampled, tops, "length"), seq.raw_logits, seq.context))
+        out.append(
+            SequenceInput(
+                Sample(sample.prompt_ids, sample.output_ids, sampled, tops, "length"), seq.raw_logits, seq.context
+            )
+        )
     return out
 
 
-@pytest.mark.parametrize(("name", "spec"), [
-    ("top_p before min_p", SamplingSpec(temperature=0.9, top_p=0.6, min_p=0.1, top_k=12)),
-    ("top_p before top_k", SamplingSpec(temperature=1.2, top_p=0.7, top_k=4)),
-    ("repetition penalty over output only", SamplingSpec(temperature=0.8, repetition_penalty=1.8)),
-    ("temperature before bias/penalties", SamplingSpec(temperature=0.5, frequency_penalty=0.9)),
-])
+@pytest.mark.parametrize(
+    ("name", "spec"),
+    [
+        ("top_p before min_p", SamplingSpec(temperature=0.9, top_p=0.6, min_p=0.1, top_k=12)),
+        ("top_p before top_k", SamplingSpec(temperature=1.2, top_p=0.7, top_k=4)),
+        ("repetition penalty over output only", SamplingSpec(temperature=0.8, repetition_penalty=1.8)),
+        ("temperature before bias/penalties", SamplingSpec(temperature=0.5, frequency_penalty=0.9)),
+    ],
+)
 def test_values_of_a_step_order_variant_name_it(name: str, spec: SamplingSpec) -> None:
     variant = contract.VARIANTS[name]
-    inputs = _reported(build(spec, sequences=6), lambda s: variant.fn(s.raw_logits, s.sample.output_ids, spec, s.context))
+    inputs = _reported(
+        build(spec, sequences=6), lambda s: variant.fn(s.raw_logits, s.sample.output_ids, spec, s.context)
+    )
     report = check(inputs, spec)
     why = failed(report, "semantic")
     assert report.variant == report.matched == name, report.explain()
@@ -323,7 +335,9 @@ def test_a_variant_indistinguishable_from_another_lists_both() -> None:
     # without top_k, "top_p first" reads exactly like "top_p before min_p": the registry's first is named
     spec = SamplingSpec(temperature=0.9, top_p=0.6, min_p=0.1)
     variant = contract.VARIANTS["top_p first"]
-    inputs = _reported(build(spec, sequences=6), lambda s: variant.fn(s.raw_logits, s.sample.output_ids, spec, s.context))
+    inputs = _reported(
+        build(spec, sequences=6), lambda s: variant.fn(s.raw_logits, s.sample.output_ids, spec, s.context)
+    )
     report = check(inputs, spec)
     failed(report, "semantic")
     assert report.variant == "top_p before min_p"
@@ -335,7 +349,7 @@ def test_clean_samples_evaluate_no_variant_and_noise_names_none() -> None:
     spec = SamplingSpec(temperature=0.9, top_p=0.6, min_p=0.1)
     clean = check(build(spec), spec)
     assert clean.passed and clean.alternatives == {} and clean.variant is None
-    noisy = lambda d, raw, g: d.logprobs + torch.randn(d.logprobs.shape, generator=g) * 1e-3  # noqa: E731
+    noisy = lambda d, raw, g: d.logprobs + torch.randn(d.logprobs.shape, generator=g) * 1e-3
     report = check(build(spec, noisy, sequences=6), spec)
     failed(report, "inference-path")
     assert report.variant is None and "top_p before min_p" in report.alternatives

@@ -84,11 +84,14 @@ def test_no_heavy_imports():
     assert result.ret == 0, result.stdout.str() + result.stderr.str()
 
 
-@pytest.mark.parametrize(("args", "needles"), [
-    (("--parity-diagnose", "maybe"), ("--parity-diagnose", "'maybe'", "on or off")),
-    (("--parity-diagnose-calls", "0"), ("--parity-diagnose-calls", "positive integer")),
-    (("--parity-diagnose-calls", "many"), ("--parity-diagnose-calls", "'many'")),
-])
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (("--parity-diagnose", "maybe"), ("--parity-diagnose", "'maybe'", "on or off")),
+        (("--parity-diagnose-calls", "0"), ("--parity-diagnose-calls", "positive integer")),
+        (("--parity-diagnose-calls", "many"), ("--parity-diagnose-calls", "'many'")),
+    ],
+)
 def test_bad_diagnosis_options(pytester: pytest.Pytester, args: tuple[str, ...], needles: tuple[str, ...]) -> None:
     result = pytester.runpytest_subprocess(*SUITE, *args)
     _assert_one_line_usage_error(result, *needles)
@@ -104,11 +107,13 @@ def test_repro_dir_that_is_a_file(pytester: pytest.Pytester) -> None:
 def test_diagnosis_options_resolve(pytester: pytest.Pytester) -> None:
     """The ini keys reach the fixture's settings (parity_diagnose = off, calls, repro dir)."""
     pytester.makeini("[pytest]\nparity_diagnose = off\nparity_diagnose_calls = 7\nparity_repro_dir = repros\n")
-    pytester.makepyfile(test_cfg="""
+    pytester.makepyfile(
+        test_cfg="""
 def test_cfg(pytestconfig):
     from conformance.plugin import CONFIG_KEY
     settings = pytestconfig.stash[CONFIG_KEY].diagnosis
     assert (settings.enabled, settings.max_calls, settings.repro_dir.name) == (False, 7, "repros"), settings
-""")
+"""
+    )
     result = pytester.runpytest_subprocess("-p", "conformance.plugin", "-p", "no:cacheprovider", "test_cfg.py")
     assert result.ret == 0, result.stdout.str() + result.stderr.str()

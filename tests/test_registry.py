@@ -46,9 +46,23 @@ register_engine("reference-engine", "tests.reference_engine:factory")
         '[[cell]]\nid = "ref-fp32"\nengine = "reference-engine"\ndtype = "float32"\nlogprobs_mode = "processed_logprobs"\n'
     )
     result = pytester.runpytest_subprocess(
-        "-p", "conformance.plugin", "--pyargs", "conformance.suite", "-m", "parity", "--parity-matrix", str(matrix),
-        "-k", "test_logprobs_match_contract or test_prefix_cache_hit_matches_cold or test_seeded_requests",
-        "--parity-examples", "4", "--parity-device", "cpu", "-p", "no:cacheprovider", "-rs",
+        "-p",
+        "conformance.plugin",
+        "--pyargs",
+        "conformance.suite",
+        "-m",
+        "parity",
+        "--parity-matrix",
+        str(matrix),
+        "-k",
+        "test_logprobs_match_contract or test_prefix_cache_hit_matches_cold or test_seeded_requests",
+        "--parity-examples",
+        "4",
+        "--parity-device",
+        "cpu",
+        "-p",
+        "no:cacheprovider",
+        "-rs",
     )
     out = result.stdout.str()
     result.assert_outcomes(passed=1, skipped=2)

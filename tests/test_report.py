@@ -8,11 +8,11 @@ import numpy as np
 import torch
 
 from conformance.contract import processed_distribution
-from conformance.spec import SamplingSpec, TokenContext
 from conformance.engines.base import Sample
 from conformance.parity import SequenceInput, check_parity
 from conformance.report.cells import cell_rows, summary_table
 from conformance.report.recorder import EngineFailureRecord, Recorder
+from conformance.spec import SamplingSpec, TokenContext
 from conformance.tolerances import DEFAULT_TOLERANCES
 
 
@@ -24,8 +24,13 @@ def _report(cell: str, noise: float) -> object:
     dist = processed_distribution(raw, out, spec, TokenContext((0, 1)))
     values = [float(dist.logprobs[i, t]) + noise for i, t in enumerate(out)]
     sample = Sample((0, 1), out, values, [{t: v} for t, v in zip(out, values)])
-    return check_parity([SequenceInput(sample, raw, TokenContext((0, 1)))], spec, "processed_logprobs",
-                        DEFAULT_TOLERANCES["cpu-float32"], cell)
+    return check_parity(
+        [SequenceInput(sample, raw, TokenContext((0, 1)))],
+        spec,
+        "processed_logprobs",
+        DEFAULT_TOLERANCES["cpu-float32"],
+        cell,
+    )
 
 
 def test_table_aggregates_per_cell_and_lists_engine_failures() -> None:

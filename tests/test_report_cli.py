@@ -12,12 +12,30 @@ from conformance.__main__ import main
 
 def _check(cell: str, passed: bool, deltas: list[float], golden: dict | None = None, vllm: str = "0.32.0") -> dict:
     record = {
-        "kind": "check", "test": f"test_x[{cell}]", "cell": cell, "params": {"temperature": 0.7},
-        "passed": passed, "layer": None if passed else "semantic",
+        "kind": "check",
+        "test": f"test_x[{cell}]",
+        "cell": cell,
+        "params": {"temperature": 0.7},
+        "passed": passed,
+        "layer": None if passed else "semantic",
         "reasons": [] if passed else ["max |Δ| 0.5 > 0.0001"],
-        "metrics": {"max_abs": max(abs(d) for d in deltas), "mean_abs": sum(abs(d) for d in deltas) / len(deltas), "mean_signed": 0.0},
+        "metrics": {
+            "max_abs": max(abs(d) for d in deltas),
+            "mean_abs": sum(abs(d) for d in deltas) / len(deltas),
+            "mean_signed": 0.0,
+        },
         "boundary_tokens": 0,
-        "worst": [{"sequence": 0, "position": 3, "token": 42, "kind": "sampled", "engine": -1.0, "expected": -1.5, "excess": 0.5}],
+        "worst": [
+            {
+                "sequence": 0,
+                "position": 3,
+                "token": 42,
+                "kind": "sampled",
+                "engine": -1.0,
+                "expected": -1.5,
+                "excess": 0.5,
+            }
+        ],
         "tokens": {"pos": list(range(len(deltas))), "delta": deltas, "p": [0.5] * len(deltas)},
         "versions": {"vllm": vllm, "torch": "2.13.0+cpu", "device": "cpu"},
     }
@@ -33,13 +51,22 @@ def _write(path: Path, records: list[dict]) -> Path:
 
 def test_report_lists_failures_first_and_writes_plots(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    golden = {"case": "greedy", "compared": "replay-vs-golden", "token_agreement": 1.0, "min_token_agreement": 1.0,
-              "recorded_versions": {"vllm": "0.31.0"}, "verdict": "pass"}
+    golden = {
+        "case": "greedy",
+        "compared": "replay-vs-golden",
+        "token_agreement": 1.0,
+        "min_token_agreement": 1.0,
+        "recorded_versions": {"vllm": "0.31.0"},
+        "verdict": "pass",
+    }
     a = _write(tmp_path / "old.jsonl", [_check("fp32-processed", True, [1e-6, -2e-6, 3e-6], vllm="0.31.0")])
-    b = _write(tmp_path / "new.jsonl", [
-        _check("fp32-processed", True, [1e-6, -2e-6, 3e-6], golden=golden),
-        _check("bf16-processed", False, [0.5, -0.1, 0.02]),
-    ])
+    b = _write(
+        tmp_path / "new.jsonl",
+        [
+            _check("fp32-processed", True, [1e-6, -2e-6, 3e-6], golden=golden),
+            _check("bf16-processed", False, [0.5, -0.1, 0.02]),
+        ],
+    )
     out = tmp_path / "report"
     assert main(["report", str(a), str(b), "--out", str(out)]) == 0
     text = (out / "report.md").read_text()

@@ -35,8 +35,15 @@ def _one_torch_thread(one_torch_thread: None) -> None:
 
 def _render(spec: SamplingSpec, mode: str, context: TokenContext, prompt: tuple[int, ...], **kw: Any) -> str:
     return render_repro(
-        title="unit test", what="", model_path="/nonexistent/model", engine_kwargs=kw.get("engine_kwargs", {"dtype": "float32"}),
-        env={}, mode=mode, bound=1e-4, requests=[(prompt, spec)], contexts=[context],  # type: ignore[arg-type]
+        title="unit test",
+        what="",
+        model_path="/nonexistent/model",
+        engine_kwargs=kw.get("engine_kwargs", {"dtype": "float32"}),
+        env={},
+        mode=mode,
+        bound=1e-4,
+        requests=[(prompt, spec)],
+        contexts=[context],  # type: ignore[arg-type]
     )
 
 
@@ -72,8 +79,13 @@ def test_script_expected_equals_the_contract(spec: SamplingSpec, mode: str, seed
 
 def test_script_imports_nothing_of_the_kit_and_only_needed_steps() -> None:
     spec = SamplingSpec(temperature=0.7, top_p=0.5, min_p=0.5, seed=3, max_tokens=2)
-    text = _render(spec, "processed_logprobs", TokenContext((1, 2, 3), frozenset({EOS})), (1, 2, 3),
-                   engine_kwargs={"dtype": "float32", "weight_transfer_config": {"backend": "parity-host"}})
+    text = _render(
+        spec,
+        "processed_logprobs",
+        TokenContext((1, 2, 3), frozenset({EOS})),
+        (1, 2, 3),
+        engine_kwargs={"dtype": "float32", "weight_transfer_config": {"backend": "parity-host"}},
+    )
     imported = set()
     for node in ast.walk(ast.parse(text)):
         if isinstance(node, ast.Import):
@@ -86,17 +98,32 @@ def test_script_imports_nothing_of_the_kit_and_only_needed_steps() -> None:
     for name in ("top_k", "logit_bias", "repetition_penalty", "bad_words", "allowed_token_ids"):
         assert STEP_SNIPPETS[name].splitlines()[0].strip() not in text, name
     namespace = _expected_fn(text)
-    assert namespace["REQUESTS"][0]["sampling"] == {"temperature": 0.7, "top_p": 0.5, "min_p": 0.5, "max_tokens": 2,
-                                                   "seed": 3, "logprobs": 0}
+    assert namespace["REQUESTS"][0]["sampling"] == {
+        "temperature": 0.7,
+        "top_p": 0.5,
+        "min_p": 0.5,
+        "max_tokens": 2,
+        "seed": 3,
+        "logprobs": 0,
+    }
     assert namespace["BOUND"] == 1e-4 and namespace["ENGINE_KWARGS"] == {"dtype": "float32"}
 
 
 def test_write_repro_names_the_file_and_keeps_int_bias_keys(tmp_path: Path) -> None:
     spec = SamplingSpec(temperature=0.7, logit_bias=((13, 3.0),), max_tokens=3)
     path = write_repro(
-        tmp_path / "out", cell="fp32-processed", test="tests/x.py::test_a[fp32]", title="t", what="w",
-        model_path="/m", engine_kwargs={"dtype": "float32"}, env={}, mode="processed_logprobs", bound=1e-4,
-        requests=[((1, 2), spec)], contexts=[TokenContext((1, 2), frozenset({EOS}))],
+        tmp_path / "out",
+        cell="fp32-processed",
+        test="tests/x.py::test_a[fp32]",
+        title="t",
+        what="w",
+        model_path="/m",
+        engine_kwargs={"dtype": "float32"},
+        env={},
+        mode="processed_logprobs",
+        bound=1e-4,
+        requests=[((1, 2), spec)],
+        contexts=[TokenContext((1, 2), frozenset({EOS}))],
     )
     assert path.parent == tmp_path / "out" and path.name.startswith("repro-fp32-processed-test-a-fp32-")
     text = path.read_text()

@@ -105,7 +105,9 @@ def test_trl_nan_engine_value_counts_as_ratio_one() -> None:
     assert (m.is_min, m.is_max) == pytest.approx((1.0, math.exp(0.2)))
 
 
-def _verl_by_loops(trainer: list[np.ndarray], engine: list[np.ndarray], level: str, threshold: float) -> dict[str, float]:
+def _verl_by_loops(
+    trainer: list[np.ndarray], engine: list[np.ndarray], level: str, threshold: float
+) -> dict[str, float]:
     """verl's formulas token by token, written independently of the module (no padding, no masks)."""
     deltas = [[float(t) - float(e) for t, e in zip(ts, es)] for ts, es in zip(trainer, engine)]
     flat = [d for ds in deltas for d in ds]
@@ -169,8 +171,13 @@ def test_verl_sequence_level_max_min_and_fractions_are_per_sequence() -> None:
 def test_prefixed_names_are_verl_log_keys() -> None:
     trainer, engine = _random_batch(3)
     keys = verl_rollout_corr_metrics(trainer, engine).prefixed()
-    assert {"rollout_corr/k3_kl", "rollout_corr/chi2_token", "rollout_corr/chi2_seq", "rollout_corr/log_ppl_abs_diff",
-            "rollout_corr/rollout_is_eff_sample_size"} <= set(keys)
+    assert {
+        "rollout_corr/k3_kl",
+        "rollout_corr/chi2_token",
+        "rollout_corr/chi2_seq",
+        "rollout_corr/log_ppl_abs_diff",
+        "rollout_corr/rollout_is_eff_sample_size",
+    } <= set(keys)
 
 
 @pytest.mark.parametrize("seed", [0, 4])
@@ -196,8 +203,16 @@ def test_nemo_rl_gate() -> None:
 def test_columns_and_summary() -> None:
     trainer, engine = _random_batch(5, scale=1.5)
     m = rl_framework_metrics(trainer, engine)
-    assert set(m.columns()) == {"trl_is_max", "trl_frac_over_cap", "verl_k3", "verl_chi2_token", "verl_chi2_seq",
-                                "verl_log_ppl_abs_diff", "verl_is_ess", "nemo_mult_prob_error"}
+    assert set(m.columns()) == {
+        "trl_is_max",
+        "trl_frac_over_cap",
+        "verl_k3",
+        "verl_chi2_token",
+        "verl_chi2_seq",
+        "verl_log_ppl_abs_diff",
+        "verl_is_ess",
+        "nemo_mult_prob_error",
+    }
     assert "TRL sequence_mask (cap 3)" in m.summary() and "FAILS the 1.05 gate" in m.summary()
 
 

@@ -28,7 +28,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 from hypothesis import Phase, settings
@@ -36,8 +36,8 @@ from hypothesis import strategies as st
 
 from conformance.diagnosis import DiagnosisSettings
 from conformance.plugin.fixture import check_cases
-from conformance.repro import STEP_SNIPPETS
 from conformance.report.recorder import Recorder
+from conformance.repro import STEP_SNIPPETS
 from conformance.spec import SamplingSpec
 from conformance.strategies import Case
 from tests import engine_faults
@@ -67,25 +67,56 @@ def _bias_on_prompt_tokens(prompts: Any) -> tuple[tuple[int, float], ...]:
 
 # mode -> (layer, variant or whole semantics named (None: none), minimal failing parameters, spec(prompts))
 FAULTS: dict[str, tuple[str, str | None, set[str], Callable[[Any], SamplingSpec]]] = {
-    "top-p-before-min-p": ("semantic", "top_p before min_p", {"min_p", "top_p"},
-                           lambda p: _spec(temperature=0.9, top_p=0.5, min_p=0.3, top_k=40, frequency_penalty=0.2)),
-    "top-p-before-top-k": ("semantic", "top_p before top_k", {"top_k", "top_p"},
-                           lambda p: _spec(temperature=1.1, top_k=5, top_p=0.6, presence_penalty=0.3)),
-    "min-p-before-temperature": ("semantic", "min_p before temperature", {"temperature", "min_p"},
-                                 lambda p: _spec(temperature=0.6, min_p=0.1, top_k=30, repetition_penalty=1.2)),
-    "repetition-output-only": ("semantic", "repetition penalty over output only", {"repetition_penalty"},
-                               lambda p: _spec(temperature=0.8, repetition_penalty=1.6, top_p=0.95, min_p=0.02)),
-    "penalties-over-prompt": ("semantic", "frequency/presence over prompt+output", {"frequency_penalty"},
-                              lambda p: _spec(temperature=0.8, frequency_penalty=0.6, top_k=40, min_p=0.02)),
-    "temperature-before-penalties": ("semantic", "temperature before bias/penalties", {"temperature", "frequency_penalty"},
-                                     lambda p: _spec(temperature=0.5, frequency_penalty=0.8, top_p=0.9, min_p=0.02)),
-    "bias-after-penalties": ("semantic", "logit_bias after penalties", {"logit_bias", "repetition_penalty"},
-                             lambda p: _spec(temperature=0.9, repetition_penalty=1.5, top_k=40,
-                                             logit_bias=_bias_on_prompt_tokens(p))),
+    "top-p-before-min-p": (
+        "semantic",
+        "top_p before min_p",
+        {"min_p", "top_p"},
+        lambda p: _spec(temperature=0.9, top_p=0.5, min_p=0.3, top_k=40, frequency_penalty=0.2),
+    ),
+    "top-p-before-top-k": (
+        "semantic",
+        "top_p before top_k",
+        {"top_k", "top_p"},
+        lambda p: _spec(temperature=1.1, top_k=5, top_p=0.6, presence_penalty=0.3),
+    ),
+    "min-p-before-temperature": (
+        "semantic",
+        "min_p before temperature",
+        {"temperature", "min_p"},
+        lambda p: _spec(temperature=0.6, min_p=0.1, top_k=30, repetition_penalty=1.2),
+    ),
+    "repetition-output-only": (
+        "semantic",
+        "repetition penalty over output only",
+        {"repetition_penalty"},
+        lambda p: _spec(temperature=0.8, repetition_penalty=1.6, top_p=0.95, min_p=0.02),
+    ),
+    "penalties-over-prompt": (
+        "semantic",
+        "frequency/presence over prompt+output",
+        {"frequency_penalty"},
+        lambda p: _spec(temperature=0.8, frequency_penalty=0.6, top_k=40, min_p=0.02),
+    ),
+    "temperature-before-penalties": (
+        "semantic",
+        "temperature before bias/penalties",
+        {"temperature", "frequency_penalty"},
+        lambda p: _spec(temperature=0.5, frequency_penalty=0.8, top_p=0.9, min_p=0.02),
+    ),
+    "bias-after-penalties": (
+        "semantic",
+        "logit_bias after penalties",
+        {"logit_bias", "repetition_penalty"},
+        lambda p: _spec(temperature=0.9, repetition_penalty=1.5, top_k=40, logit_bias=_bias_on_prompt_tokens(p)),
+    ),
     # issue-7 faults as controls: no parameter needed (inference-path kept), and a whole other semantics
     "bf16-logits": ("inference-path", None, set(), lambda p: _spec(temperature=0.7, top_k=20)),
-    "temperature-twice": ("semantic", "processed with temperature applied twice", {"temperature"},
-                          lambda p: _spec(temperature=0.7, top_p=0.9)),
+    "temperature-twice": (
+        "semantic",
+        "processed with temperature applied twice",
+        {"temperature"},
+        lambda p: _spec(temperature=0.7, top_p=0.9),
+    ),
 }
 
 
@@ -104,7 +135,7 @@ class Counted:
         self.runner, self.calls = runner, 0
         self.recorder = Recorder()
 
-    def __enter__(self) -> Counted:
+    def __enter__(self) -> Self:
         original = self.runner.generate
 
         def generate(requests: Any) -> Any:
@@ -148,10 +179,21 @@ def test_planted_fault_is_diagnosed(planted: tuple[Any, Any], mode: str) -> None
     assert len(diagnosed) == 1, message  # one diagnosis per failing test: the final replay
     record = diagnosed[0]
     ablation = record["ablation"]
-    _dump(mode, layer=record["layer"], minimal=ablation["minimal"], variant=record.get("variant"),
-          explained=_explained(message), calls=ablation["calls"], seconds=record["diagnosis_seconds"],
-          spec=spec.describe(), summary=ablation["summary"], message=message, expected_layer=layer,
-          expected_named=named, expected_minimal=sorted(minimal))
+    _dump(
+        mode,
+        layer=record["layer"],
+        minimal=ablation["minimal"],
+        variant=record.get("variant"),
+        explained=_explained(message),
+        calls=ablation["calls"],
+        seconds=record["diagnosis_seconds"],
+        spec=spec.describe(),
+        summary=ablation["summary"],
+        message=message,
+        expected_layer=layer,
+        expected_named=named,
+        expected_minimal=sorted(minimal),
+    )
     assert f"FAILED [layer: {layer}]" in message, message
     assert record["layer"] == layer
     assert set(ablation["minimal"]) == minimal, message
@@ -184,8 +226,9 @@ def _explained(message: str) -> str:
     return found.group(1) if found else ""
 
 
-def test_suite_property_shrinks_and_names_the_variant(planted: tuple[Any, Any], bundled_tokenizer: Any,
-                                                       bundled_reference: Any) -> None:
+def test_suite_property_shrinks_and_names_the_variant(
+    planted: tuple[Any, Any], bundled_tokenizer: Any, bundled_reference: Any
+) -> None:
     """The suite's own test_logprobs_match_contract (every parameter drawn, hypothesis shrinking) against the
     top-p-before-min-p fault: before issue 13 it shrank to top_p/min_p and said "[layer: inference-path]"
     with no cause; now the shrunk failure is semantic, names the variant and needs exactly min_p and top_p."""
@@ -206,9 +249,17 @@ def test_suite_property_shrinks_and_names_the_variant(planted: tuple[Any, Any], 
     diagnosed = [r for r in counted.recorder.records if r.get("ablation")]
     assert len(diagnosed) == 1, message
     record = diagnosed[0]
-    _dump("shrunk-top-p-before-min-p", layer=record["layer"], minimal=record["ablation"]["minimal"],
-          variant=record.get("variant"), calls=record["ablation"]["calls"], seconds=record["diagnosis_seconds"],
-          spec=str(record["params"]), engine_calls=counted.calls, message=message)
+    _dump(
+        "shrunk-top-p-before-min-p",
+        layer=record["layer"],
+        minimal=record["ablation"]["minimal"],
+        variant=record.get("variant"),
+        calls=record["ablation"]["calls"],
+        seconds=record["diagnosis_seconds"],
+        spec=str(record["params"]),
+        engine_calls=counted.calls,
+        message=message,
+    )
     assert "FAILED [layer: semantic]" in message, message
     assert record["variant"] == "top_p before min_p", message
     assert set(record["ablation"]["minimal"]) == {"min_p", "top_p"}, message
@@ -231,7 +282,9 @@ def test_diagnosis_off_costs_no_call(planted: tuple[Any, Any]) -> None:
 
 def _run_script(path: Path) -> tuple[float, float, int, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "PYTEST"))}
-    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=900, env=env, cwd=path.parent)
+    done = subprocess.run(
+        [sys.executable, str(path)], capture_output=True, text=True, timeout=900, env=env, cwd=path.parent, check=False
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     found = re.search(r"RESULT max_abs=(\S+) bound=(\S+) diverges=(\d)", done.stdout)
     assert found, done.stdout[-3000:]

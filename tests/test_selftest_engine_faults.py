@@ -22,9 +22,9 @@ from hypothesis import Phase, settings
 from hypothesis import strategies as st
 
 from conformance.bundled import GPU_MATRIX
+from conformance.matrix import load_matrix
 from conformance.plugin.fixture import Parity, check_cases
 from conformance.spec import SamplingSpec
-from conformance.matrix import load_matrix
 from conformance.strategies import Case, vocabulary_from_tokenizer
 from tests import engine_faults
 
@@ -56,11 +56,14 @@ CASES: dict[str, tuple[str, list[SamplingSpec]]] = {
     "temperature-twice": ("semantic", [_spec(temperature=0.7), _spec(temperature=1.3, top_k=30)]),
     "temperature-none": ("semantic", [_spec(temperature=0.7, top_k=20), _spec(temperature=0.6, top_p=0.95)]),
     "not-renormalised": ("semantic", [_spec(temperature=0.7, top_k=5), _spec(temperature=0.9, top_p=0.6)]),
-    "penalties-unreported": ("semantic", [
-        _spec(temperature=0.7, top_k=20, repetition_penalty=1.5, presence_penalty=0.5),
-        _spec(temperature=0.7, top_k=20, frequency_penalty=0.8),
-        _spec(temperature=0.7, top_k=20, logit_bias=((13, 3.0), (29, 3.0), (871, 3.0), (268, 2.0))),
-    ]),
+    "penalties-unreported": (
+        "semantic",
+        [
+            _spec(temperature=0.7, top_k=20, repetition_penalty=1.5, presence_penalty=0.5),
+            _spec(temperature=0.7, top_k=20, frequency_penalty=0.8),
+            _spec(temperature=0.7, top_k=20, logit_bias=((13, 3.0), (29, 3.0), (871, 3.0), (268, 2.0))),
+        ],
+    ),
     # Sampled (not greedy) cases: at T=0 a bf16 rounding that flips an argmax is reported as the semantic
     # "greedy token is not the argmax" violation before the numeric check (see docs/detection.md).
     "bf16-logits": ("inference-path", [_spec(temperature=1.0), _spec(temperature=0.7, top_k=20)]),
@@ -113,8 +116,9 @@ def test_suite_check_catches_engine_fault(planted: tuple[Any, Any], mode: str) -
         _check(runner, spec)
 
 
-def test_batch_property_catches_batch_dependent_logits(planted: tuple[Any, Any], bundled_tokenizer: Any,
-                                                       bundled_reference: Any) -> None:
+def test_batch_property_catches_batch_dependent_logits(
+    planted: tuple[Any, Any], bundled_tokenizer: Any, bundled_reference: Any
+) -> None:
     """Logits perturbed only when a step holds several sequences: the batch property fails."""
     from conformance.suite import test_inference_path as path_tests
 

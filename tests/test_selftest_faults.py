@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from hypothesis import Phase, settings
 
-from conformance.spec import SamplingSpec
 from conformance.engines.handle import EngineHandle
 from conformance.plugin.fixture import Parity
+from conformance.spec import SamplingSpec
 from conformance.strategies import Case, vocabulary_from_tokenizer
 from conformance.suite import test_inference_path as path_tests
 from tests import faults
@@ -32,7 +32,9 @@ def _faulty(engines: Any, make_runner: Any, fault: faults.Fault | None) -> Any:
     real = engines(CELL)
     if fault is None:
         return make_runner(CELL)
-    handle = EngineHandle(real.cell, real.model_path, factory=lambda cell, path: faults.FaultyEngine(real.engine, fault))
+    handle = EngineHandle(
+        real.cell, real.model_path, factory=lambda cell, path: faults.FaultyEngine(real.engine, fault)
+    )
     return make_runner(CELL, handle=handle)
 
 
@@ -94,7 +96,9 @@ def test_sampling_family_catches_a_sampler_drawing_elsewhere(engines: Any, make_
     from conformance.suite import test_distribution
 
     runner = _faulty(engines, make_runner, faults.samples_elsewhere())
-    message = _expect_failure("semantic", lambda: test_distribution.test_sampling_follows_reported_probabilities(_parity(runner)))
+    message = _expect_failure(
+        "semantic", lambda: test_distribution.test_sampling_follows_reported_probabilities(_parity(runner))
+    )
     assert "chi-square" in message
     test_distribution.test_sampling_follows_reported_probabilities(_parity(_faulty(engines, make_runner, None)))
 
@@ -104,7 +108,9 @@ def test_precision_family_catches_an_ignored_head_dtype(cpu_cells: Any, kit_sess
     from conformance.suite.test_precision import compare_heads
 
     low, head32 = cpu_cells["bf16-processed"], cpu_cells["bf16-processed-head32"]
-    ignored = EngineHandle(head32, kit_session.model_path(), factory=lambda cell, path: kit_session.factory(low)(low, path))
+    ignored = EngineHandle(
+        head32, kit_session.model_path(), factory=lambda cell, path: kit_session.factory(low)(low, path)
+    )
     try:
         line, passed = compare_heads(low, head32, kit_session, ignored)
     finally:
@@ -116,7 +122,9 @@ def test_chunked_prefill_family_catches_its_fault(engines: Any, make_runner: Any
     """Values off only for prompts whose prefill is split across steps (chunked cell, 64-token budget)."""
     real = engines("fp32-processed-chunked")
     fault = faults.on_long_prefill(0.01, real.engine.scheduler_budget())
-    handle = EngineHandle(real.cell, real.model_path, factory=lambda cell, path: faults.FaultyEngine(real.engine, fault))
+    handle = EngineHandle(
+        real.cell, real.model_path, factory=lambda cell, path: faults.FaultyEngine(real.engine, fault)
+    )
     runner = make_runner("fp32-processed-chunked", handle=handle)
     _expect_failure("inference-path", lambda: path_tests.test_chunked_prefill_matches_reference(_parity(runner), False))
     path_tests.test_chunked_prefill_matches_reference(_parity(make_runner("fp32-processed-chunked")), False)
@@ -124,12 +132,25 @@ def test_chunked_prefill_family_catches_its_fault(engines: Any, make_runner: Any
 
 def test_one_sided_head_precision_is_flagged(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess(
-        "-p", "conformance.plugin", "--pyargs", "conformance.suite", "-m", "parity", "-k", "one_sided",
-        "--parity-cells", "bf16-processed,bf16-processed-head32", "--parity-trainer-head", "float32",
-        "-p", "no:cacheprovider",
+        "-p",
+        "conformance.plugin",
+        "--pyargs",
+        "conformance.suite",
+        "-m",
+        "parity",
+        "-k",
+        "one_sided",
+        "--parity-cells",
+        "bf16-processed,bf16-processed-head32",
+        "--parity-trainer-head",
+        "float32",
+        "-p",
+        "no:cacheprovider",
     )
     result.assert_outcomes(passed=1, failed=1)
-    assert "one-sided precision: the engine's lm_head runs in bfloat16 but the trainer's in float32" in result.stdout.str()
+    assert (
+        "one-sided precision: the engine's lm_head runs in bfloat16 but the trainer's in float32" in result.stdout.str()
+    )
 
 
 def test_top_k_family_catches_a_distribution_gap(engines: Any, make_runner: Any) -> None:

@@ -45,9 +45,22 @@ def test_cli_reports_semantic_layer_for_raw_engine_and_processed_trainer(pyteste
     """End to end through the installed plugin: the suite fails with the layer, the shrunk params and
     the reproduction hint."""
     result = pytester.runpytest_subprocess(
-        "-p", "conformance.plugin", "--pyargs", "conformance.suite", "-m", "parity",
-        "-k", "test_logprobs_match_contract", "--parity-cells", "fp32-raw", "--parity-trainer", "processed",
-        "--parity-examples", "25", "-p", "no:cacheprovider",
+        "-p",
+        "conformance.plugin",
+        "--pyargs",
+        "conformance.suite",
+        "-m",
+        "parity",
+        "-k",
+        "test_logprobs_match_contract",
+        "--parity-cells",
+        "fp32-raw",
+        "--parity-trainer",
+        "processed",
+        "--parity-examples",
+        "25",
+        "-p",
+        "no:cacheprovider",
     )
     out = result.stdout.str()
     result.assert_outcomes(failed=1)

@@ -24,7 +24,7 @@ from conformance.judge import token_contexts
 from conformance.weights.paths import UPDATE_PATHS, default_probes, recommended_update, training_batch
 from conformance.weights.shards import OK, PARTIAL, STALE
 from conformance.weights.state import TrainerStandIn, WeightSet
-from conformance.weights.verdict import WEIGHT_SYNC_LAYER, UpdateReport, UpdateCheck, judge_update
+from conformance.weights.verdict import WEIGHT_SYNC_LAYER, UpdateCheck, UpdateReport, judge_update
 
 pytestmark = pytest.mark.selftest
 CELL = "fp32-processed-tp2"
@@ -53,11 +53,23 @@ def _judge(engine: Any, stand_in: Any, new: WeightSet, ref_new: Any) -> UpdateRe
     engine.reset_prefix_cache()
     samples = engine.generate(list(probes.requests))
     cell = engine.cell
-    return judge_update(UpdateCheck(
-        probes.requests, samples, token_contexts(engine, probes.requests), trainer, new, trainer.w0,
-        cell.logprobs_mode, cell.tolerance, cell.id, "planted push", new_reference=ref_new, old_reference=ref0,
-        engine=engine,
-    ))
+    return judge_update(
+        UpdateCheck(
+            probes.requests,
+            samples,
+            token_contexts(engine, probes.requests),
+            trainer,
+            new,
+            trainer.w0,
+            cell.logprobs_mode,
+            cell.tolerance,
+            cell.id,
+            "planted push",
+            new_reference=ref_new,
+            old_reference=ref0,
+            engine=engine,
+        )
+    )
 
 
 @pytest.fixture
@@ -72,8 +84,9 @@ def engine(tp_handle: Any, stand_in: Any) -> Iterator[Any]:
         pytest.fail("could not restore W0 in the TP=2 engine:\n" + report.explain(), pytrace=False)
 
 
-def planted_push(engine: Any, weights: WeightSet, skip_tp_rank: int | None = None, drop_on_tp_rank: int | None = None,
-                 drop: str = "") -> list[Any]:
+def planted_push(
+    engine: Any, weights: WeightSet, skip_tp_rank: int | None = None, drop_on_tp_rank: int | None = None, drop: str = ""
+) -> list[Any]:
     """Push ``weights`` through worker.reload_weights in every worker, except: the worker of TP rank
     ``skip_tp_rank`` returns early (it never loads anything), and the one of ``drop_on_tp_rank`` gets every
     tensor but ``drop``. Returns what each worker did."""
@@ -121,10 +134,14 @@ def test_push_that_misses_one_tensor_on_rank_1_is_caught_and_named(engine: Any, 
     assert not report.passed and report.layer == WEIGHT_SYNC_LAYER, report.explain()
     assert report.shards is not None and [r.status for r in report.shards.ranks] == [OK, PARTIAL], report.explain()
     assert report.shards.ranks[1].off == ((MISSED, "W0"),), report.explain()
-    assert "tp_rank 1/2): PARTIAL, 1 of" in report.diagnosis and f"{MISSED} holds W0" in report.diagnosis, report.explain()
+    assert "tp_rank 1/2): PARTIAL, 1 of" in report.diagnosis and f"{MISSED} holds W0" in report.diagnosis, (
+        report.explain()
+    )
 
 
-def test_tp_pair_comparison_fires_on_a_fault_in_one_rank(engine: Any, engines: Any, stand_in: Any, bundled_prompts: Any) -> None:
+def test_tp_pair_comparison_fires_on_a_fault_in_one_rank(
+    engine: Any, engines: Any, stand_in: Any, bundled_prompts: Any
+) -> None:
     """The suite's TP=1 vs TP=2 comparison: within its bound on the clean engines (max |Δ| measured here), and
     failing once rank 1 alone computes with W1's down_proj of layer 1 while everything else is at W0."""
     from conformance.path_comparison import compare_samples
@@ -141,12 +158,16 @@ def test_tp_pair_comparison_fires_on_a_fault_in_one_rank(engine: Any, engines: A
             side.reset_prefix_cache()
             side.generate(requests)
             results.append(side.generate(requests))  # the second pass, as in the suite
-        return [compare_samples(a, b, "fp32-processed", ("fp32-processed", CELL), tolerance, f"prompt {i}")
-                for i, (a, b) in enumerate(zip(*results))]
+        return [
+            compare_samples(a, b, "fp32-processed", ("fp32-processed", CELL), tolerance, f"prompt {i}")
+            for i, (a, b) in enumerate(zip(*results))
+        ]
 
     clean = compare()
     assert all(c.passed for c in clean), "\n".join(c.explain() for c in clean)
-    assert sum(c.compared for c in clean) >= 64 and max(c.max_abs for c in clean) < tolerance / 4, [c.max_abs for c in clean]
+    assert sum(c.compared for c in clean) >= 64 and max(c.max_abs for c in clean) < tolerance / 4, [
+        c.max_abs for c in clean
+    ]
     planted_push(engine, trainer.w0.with_tensor_from(w1, MISSED), skip_tp_rank=0)  # rank 1 only
     faulty = compare()
     assert not all(c.passed for c in faulty), "the TP=1 vs TP=2 comparison missed a fault in rank 1's shard"

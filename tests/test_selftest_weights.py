@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from conformance.weights.hidden_states import first_divergence
 from conformance.judge import token_contexts
+from conformance.weights.hidden_states import first_divergence
 from conformance.weights.paths import UPDATE_PATHS, default_probes, recommended_update, training_batch
 from conformance.weights.state import TrainerStandIn, WeightSet
 from conformance.weights.verdict import WEIGHT_SYNC_LAYER, UpdateCheck, UpdateReport, judge_update
@@ -54,11 +54,23 @@ def engine(engines: Any, stand_in: Any) -> Iterator[Any]:
 def _judge(engine: Any, stand_in: Any, samples: Any, new: WeightSet, ref_new: Any = None) -> UpdateReport:
     trainer, _, ref0, _, probes = stand_in
     cell = engine.cell
-    return judge_update(UpdateCheck(
-        probes.requests, samples, token_contexts(engine, probes.requests), trainer, new, trainer.w0,
-        cell.logprobs_mode, cell.tolerance, cell.id, RELOAD.name, new_reference=ref_new, old_reference=ref0,
-        engine=engine,
-    ))
+    return judge_update(
+        UpdateCheck(
+            probes.requests,
+            samples,
+            token_contexts(engine, probes.requests),
+            trainer,
+            new,
+            trainer.w0,
+            cell.logprobs_mode,
+            cell.tolerance,
+            cell.id,
+            RELOAD.name,
+            new_reference=ref_new,
+            old_reference=ref0,
+            engine=engine,
+        )
+    )
 
 
 def _cache_then_push(engine: Any, stand_in: Any, weights: WeightSet, reset: bool, path: Any = RELOAD) -> Any:
@@ -102,8 +114,16 @@ def test_noop_update_is_caught(engine: Any, stand_in: Any) -> None:
         # leaves that parameter neither at W0 nor at W1 (run-to-run different values), so no weight state the
         # kit can model matches; the hidden-state comparison then names the module where the engine's forward
         # pass leaves W1's. The weight-transfer API runs the same layerwise reload: same diagnosis.
-        ("model.layers.2.self_attn.q_proj.weight", "first leave the reference at model.layers.2.self_attn ", "reload-iterator"),
-        ("model.layers.2.self_attn.q_proj.weight", "first leave the reference at model.layers.2.self_attn ", "weight-transfer-host"),
+        (
+            "model.layers.2.self_attn.q_proj.weight",
+            "first leave the reference at model.layers.2.self_attn ",
+            "reload-iterator",
+        ),
+        (
+            "model.layers.2.self_attn.q_proj.weight",
+            "first leave the reference at model.layers.2.self_attn ",
+            "weight-transfer-host",
+        ),
     ],
     ids=["down_proj", "lm_head", "fused-q_proj", "fused-q_proj-weight-transfer"],
 )

@@ -12,34 +12,62 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
-from conformance.spec import SamplingSpec
 from conformance.engines.base import EngineFailure, Request
 from conformance.engines.vllm_server import VllmServerEngine, cli_flags, completion_body, group_members, parse_choice
 from conformance.matrix import Cell
+from conformance.spec import SamplingSpec
 
-CELL = Cell(id="server-test", dtype="float32", logprobs_mode="processed_logprobs", engine="vllm-server",
-            env={"VLLM_CPU_KVCACHE_SPACE": "1"}, start_timeout_s=240)
+CELL = Cell(
+    id="server-test",
+    dtype="float32",
+    logprobs_mode="processed_logprobs",
+    engine="vllm-server",
+    env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+    start_timeout_s=240,
+)
 GREEDY = SamplingSpec(temperature=0.0, max_tokens=6, logprobs=2)
 
 
 def test_cli_flags_and_request_body() -> None:
-    flags = cli_flags({"dtype": "float32", "enforce_eager": True, "enable_prefix_caching": False,
-                       "hf_overrides": {"head_dtype": "float32"}, "max_num_seqs": 4})
-    assert flags == ["--dtype", "float32", "--enforce-eager", "--no-enable-prefix-caching",
-                     "--hf-overrides", '{"head_dtype": "float32"}', "--max-num-seqs", "4"]
+    flags = cli_flags(
+        {
+            "dtype": "float32",
+            "enforce_eager": True,
+            "enable_prefix_caching": False,
+            "hf_overrides": {"head_dtype": "float32"},
+            "max_num_seqs": 4,
+        }
+    )
+    assert flags == [
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--no-enable-prefix-caching",
+        "--hf-overrides",
+        '{"head_dtype": "float32"}',
+        "--max-num-seqs",
+        "4",
+    ]
     body = completion_body(Request((1, 2), SamplingSpec(logit_bias=((5, -1.5),), seed=3, top_k=7), prompt_logprobs=2))
     assert body["logit_bias"] == {"5": -1.5} and body["seed"] == 3 and body["top_k"] == 7
     assert body["prompt_logprobs"] == 2 and body["return_tokens_as_token_ids"] is True
 
 
 def test_minus_9999_is_minus_inf() -> None:
-    choice = {"index": 0, "finish_reason": "length", "token_ids": [7],
-              "logprobs": {"tokens": ["token_id:7"], "token_logprobs": [-0.5],
-                           "top_logprobs": [{"token_id:7": -0.5, "token_id:9": -9999.0}]}}
+    choice = {
+        "index": 0,
+        "finish_reason": "length",
+        "token_ids": [7],
+        "logprobs": {
+            "tokens": ["token_id:7"],
+            "token_logprobs": [-0.5],
+            "top_logprobs": [{"token_id:7": -0.5, "token_id:9": -9999.0}],
+        },
+    }
     sample = parse_choice(Request((1,), GREEDY), choice)
     assert sample.output_ids == [7] and sample.sampled_values == [-0.5]
     assert sample.top_values[0][9] == float("-inf")
@@ -56,9 +84,9 @@ def test_port_taken_is_one_line() -> None:
 
 
 class _Garbage(http.server.BaseHTTPRequestHandler):
-    bodies = {"/v1/completions": b"<html>502 Bad Gateway</html>"}
+    bodies: ClassVar[dict[str, bytes]] = {"/v1/completions": b"<html>502 Bad Gateway</html>"}
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+    def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         body = self.bodies.get(self.path, b"{}")
         self.send_response(200)
@@ -80,12 +108,23 @@ def garbage_server() -> Iterator[str]:
     server.server_close()
 
 
-@pytest.mark.parametrize("body, needle", [
-    (b"<html>502 Bad Gateway</html>", "not JSON"),
-    (json.dumps({"choices": [{"index": 0, "text": "x"}]}).encode(), "malformed /v1/completions response (KeyError"),
-    (json.dumps({"choices": [{"index": 0, "logprobs": {"tokens": ["hello"], "token_logprobs": [0.0],
-                                                       "top_logprobs": [{}]}}]}).encode(), "token_id:<int>"),
-])
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        (b"<html>502 Bad Gateway</html>", "not JSON"),
+        (json.dumps({"choices": [{"index": 0, "text": "x"}]}).encode(), "malformed /v1/completions response (KeyError"),
+        (
+            json.dumps(
+                {
+                    "choices": [
+                        {"index": 0, "logprobs": {"tokens": ["hello"], "token_logprobs": [0.0], "top_logprobs": [{}]}}
+                    ]
+                }
+            ).encode(),
+            "token_id:<int>",
+        ),
+    ],
+)
 def test_malformed_response_is_one_line(garbage_server: str, body: bytes, needle: str, monkeypatch: Any) -> None:
     monkeypatch.setitem(_Garbage.bodies, "/v1/completions", body)
     engine = VllmServerEngine(CELL, Path("/unused"), base_url=garbage_server, request_timeout_s=10)

@@ -20,9 +20,14 @@ from conformance.weights.state import WeightSet
 CONFIG = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2)
 HIDDEN, INTER, VOCAB, HEAD = 16, 24, 100, 4  # vocab 100: padded to 128 (two blocks of 64)
 VLLM_NAMES = [
-    "model.embed_tokens.weight", "model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.self_attn.o_proj.weight",
-    "model.layers.0.mlp.gate_up_proj.weight", "model.layers.0.mlp.down_proj.weight", "model.layers.0.input_layernorm.weight",
-    "model.norm.weight", "lm_head.weight",
+    "model.embed_tokens.weight",
+    "model.layers.0.self_attn.qkv_proj.weight",
+    "model.layers.0.self_attn.o_proj.weight",
+    "model.layers.0.mlp.gate_up_proj.weight",
+    "model.layers.0.mlp.down_proj.weight",
+    "model.layers.0.input_layernorm.weight",
+    "model.norm.weight",
+    "lm_head.weight",
 ]
 
 
@@ -33,19 +38,22 @@ def _state(seed: int, label: str) -> WeightSet:
         return torch.randn(*shape, generator=g)
 
     kv = CONFIG.num_key_value_heads * HEAD
-    return WeightSet(label, {
-        "model.embed_tokens.weight": r(VOCAB, HIDDEN),
-        "model.layers.0.self_attn.q_proj.weight": r(HIDDEN, HIDDEN),
-        "model.layers.0.self_attn.k_proj.weight": r(kv, HIDDEN),
-        "model.layers.0.self_attn.v_proj.weight": r(kv, HIDDEN),
-        "model.layers.0.self_attn.o_proj.weight": r(HIDDEN, HIDDEN),
-        "model.layers.0.mlp.gate_proj.weight": r(INTER, HIDDEN),
-        "model.layers.0.mlp.up_proj.weight": r(INTER, HIDDEN),
-        "model.layers.0.mlp.down_proj.weight": r(HIDDEN, INTER),
-        "model.layers.0.input_layernorm.weight": torch.ones(HIDDEN),
-        "model.norm.weight": torch.ones(HIDDEN),
-        "lm_head.weight": r(VOCAB, HIDDEN),
-    })
+    return WeightSet(
+        label,
+        {
+            "model.embed_tokens.weight": r(VOCAB, HIDDEN),
+            "model.layers.0.self_attn.q_proj.weight": r(HIDDEN, HIDDEN),
+            "model.layers.0.self_attn.k_proj.weight": r(kv, HIDDEN),
+            "model.layers.0.self_attn.v_proj.weight": r(kv, HIDDEN),
+            "model.layers.0.self_attn.o_proj.weight": r(HIDDEN, HIDDEN),
+            "model.layers.0.mlp.gate_proj.weight": r(INTER, HIDDEN),
+            "model.layers.0.mlp.up_proj.weight": r(INTER, HIDDEN),
+            "model.layers.0.mlp.down_proj.weight": r(HIDDEN, INTER),
+            "model.layers.0.input_layernorm.weight": torch.ones(HIDDEN),
+            "model.norm.weight": torch.ones(HIDDEN),
+            "lm_head.weight": r(VOCAB, HIDDEN),
+        },
+    )
 
 
 W0, W1 = _state(0, "W0"), _state(1, "W1")
@@ -61,7 +69,9 @@ def _readback(per_rank: list[WeightSet], dtype: torch.dtype = torch.float32) -> 
             assert t is not None, name
             t = t.to(dtype)
             params[name] = (tuple(t.shape), str(dtype).removeprefix("torch."), _digest_bytes(t), "parameter")
-        out.append({"rank": rank, "tp_rank": rank, "tp_size": len(per_rank), "pp_rank": 0, "pp_size": 1, "params": params})
+        out.append(
+            {"rank": rank, "tp_rank": rank, "tp_size": len(per_rank), "pp_rank": 0, "pp_size": 1, "params": params}
+        )
     return out
 
 
@@ -69,9 +79,14 @@ def test_shard_shapes_follow_vllm_rules() -> None:
     shards = expected_shards(W1.tensors, CONFIG, 1, 2, VLLM_NAMES)
     q, k = HIDDEN // 2, CONFIG.num_key_value_heads * HEAD // 2
     assert shards["model.layers.0.self_attn.qkv_proj.weight"].shape == (q + 2 * k, HIDDEN)
-    assert torch.equal(shards["model.layers.0.self_attn.qkv_proj.weight"][:q], W1.tensors["model.layers.0.self_attn.q_proj.weight"][q:])
+    assert torch.equal(
+        shards["model.layers.0.self_attn.qkv_proj.weight"][:q], W1.tensors["model.layers.0.self_attn.q_proj.weight"][q:]
+    )
     assert shards["model.layers.0.mlp.gate_up_proj.weight"].shape == (INTER, HIDDEN)
-    assert torch.equal(shards["model.layers.0.mlp.down_proj.weight"], W1.tensors["model.layers.0.mlp.down_proj.weight"][:, INTER // 2:])
+    assert torch.equal(
+        shards["model.layers.0.mlp.down_proj.weight"],
+        W1.tensors["model.layers.0.mlp.down_proj.weight"][:, INTER // 2 :],
+    )
     lm = shards["lm_head.weight"]  # rows 64..127 of the padded vocabulary: 36 real rows, 28 zero padding rows
     assert lm.shape == (64, HIDDEN) and torch.equal(lm[:36], W1.tensors["lm_head.weight"][64:]) and not lm[36:].any()
     assert torch.equal(shards["model.norm.weight"], W1.tensors["model.norm.weight"])  # replicated
@@ -98,7 +113,9 @@ def test_every_rank_at_w1_is_ok(dtype: torch.dtype) -> None:
 def test_rank_that_missed_the_push_is_stale_and_named(dtype: torch.dtype) -> None:
     check = diagnose_ranks(_readback([W1, W0], dtype), W1, W0, CONFIG)
     assert not check.passed and [r.status for r in check.ranks] == [OK, STALE], check.explain()
-    assert check.diagnosis().startswith("per-rank read-back: rank 1 (tp_rank 1/2): STALE, none of its 6 changed shards"), check.diagnosis()
+    assert check.diagnosis().startswith(
+        "per-rank read-back: rank 1 (tp_rank 1/2): STALE, none of its 6 changed shards"
+    ), check.diagnosis()
 
 
 def test_one_tensor_missed_on_one_rank_is_partial_and_named() -> None:
@@ -112,7 +129,13 @@ def test_half_loaded_fused_parameter_holds_neither_state() -> None:
     """q_proj at W1 but k/v at W0 in one rank's qkv_proj: neither state, named with the tensors it loads from."""
     q = "model.layers.0.self_attn.q_proj.weight"
     partial = WeightSet("mixed", {**W0.tensors, q: W1.tensors[q]})
-    torn = WeightSet("torn", {**W1.tensors, **{n: partial.tensors[n] for n in (q.replace("q_proj", "k_proj"), q.replace("q_proj", "v_proj"))}})
+    torn = WeightSet(
+        "torn",
+        {
+            **W1.tensors,
+            **{n: partial.tensors[n] for n in (q.replace("q_proj", "k_proj"), q.replace("q_proj", "v_proj"))},
+        },
+    )
     check = diagnose_ranks(_readback([W1, torn]), W1, W0, CONFIG)
     assert [r.status for r in check.ranks] == [OK, PARTIAL], check.explain()
     assert "qkv_proj.weight [from model.layers.0.self_attn.q_proj.weight, " in check.diagnosis()

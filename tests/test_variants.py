@@ -70,7 +70,9 @@ WITNESSES: dict[str, tuple[SamplingSpec, dict[str, Any]]] = {
     "top_p before temperature": (SamplingSpec(temperature=0.5, top_p=0.8), {}),
     "min_p before temperature": (SamplingSpec(temperature=0.5, min_p=0.1), {}),
     "min_p against the pre-penalty maximum": (
-        SamplingSpec(temperature=1.0, min_p=0.1, logit_bias=((3, 6.0), (5, -4.0))), {}),
+        SamplingSpec(temperature=1.0, min_p=0.1, logit_bias=((3, 6.0), (5, -4.0))),
+        {},
+    ),
     "repetition penalty over output only": (SamplingSpec(repetition_penalty=1.8), {}),
     "frequency/presence over prompt+output": (SamplingSpec(frequency_penalty=0.7), {}),
     "repetition penalty after frequency/presence": (SamplingSpec(repetition_penalty=1.8, presence_penalty=2.0), {}),
@@ -107,7 +109,9 @@ def test_variant_differs_from_the_contract_where_its_step_is_active(name: str) -
     for seed in range(3):
         raw, output, prompt = _inputs(seed)
         context = _context(spec, prompt, **extra)
-        gaps.append(_gap(variant.fn(raw, output, spec, context), processed_distribution(raw, output, spec, context).logprobs))
+        gaps.append(
+            _gap(variant.fn(raw, output, spec, context), processed_distribution(raw, output, spec, context).logprobs)
+        )
     assert max(gaps) > 0.05, f"{name}: largest difference from the contract {max(gaps):.3g} on its witness"
 
 
@@ -153,7 +157,9 @@ def test_commuting_orders_are_not_variants(spec: SamplingSpec, seed: int) -> Non
     context = _context(spec, prompt)
     dist = processed_distribution(raw, output, spec, context)
     expected = dist.logprobs
-    swapped = processed_distribution(raw, output, spec, context, order=StepOrder(truncation_order=("top_k", "min_p", "top_p")))
+    swapped = processed_distribution(
+        raw, output, spec, context, order=StepOrder(truncation_order=("top_k", "min_p", "top_p"))
+    )
     assert _close(swapped.logprobs, expected, dist.scaled)
     only_masks = spec.reset("logit_bias", "frequency_penalty", "presence_penalty")
     dist = processed_distribution(raw, output, only_masks, context)

@@ -36,19 +36,19 @@ __all__ = ["HOST_BACKEND", "HostWeightTransferEngine", "WeightSyncClient", "send
 
 
 @dataclass
-class HostInitInfo(WeightTransferInitInfo):
+class HostInitInfo(WeightTransferInitInfo):  # type: ignore[misc]  # vLLM is read as Any (pyproject: follow_imports)
     """No rendezvous: the chunk files name themselves."""
 
 
 @dataclass
-class HostUpdateInfo(WeightTransferUpdateInfo):
+class HostUpdateInfo(WeightTransferUpdateInfo):  # type: ignore[misc]  # vLLM is read as Any (pyproject: follow_imports)
     """One chunk: the safetensors file holding it and the tensor names, in load order."""
 
     path: str
     names: list[str]
 
 
-class HostWeightTransferEngine(WeightTransferEngine[HostInitInfo, HostUpdateInfo]):
+class HostWeightTransferEngine(WeightTransferEngine[HostInitInfo, HostUpdateInfo]):  # type: ignore[misc]  # vLLM is read as Any (pyproject: follow_imports)
     """Worker side: chunks arrive as safetensors files; applied like vLLM's IPC backend applies its tensors."""
 
     init_info_cls = HostInitInfo

@@ -15,7 +15,7 @@ import importlib
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from conformance.engines.base import Engine
@@ -30,7 +30,7 @@ _BUILTIN: dict[str, str] = {
     "vllm": "conformance.engines.vllm_offline:VllmOfflineEngine",
     "vllm-server": "conformance.engines.vllm_server:VllmServerEngine",
 }
-_registered: dict[str, Union[EngineFactory, str]] = {}
+_registered: dict[str, EngineFactory | str] = {}
 
 
 class UnknownEngine(KeyError):
@@ -67,7 +67,7 @@ def _load(spec: str, name: str) -> EngineFactory:
         target = getattr(target, part)
     if not callable(target):
         raise TypeError(f"engine {name!r}: {spec} is not callable")
-    return target  # type: ignore[return-value]
+    return target
 
 
 def engine_factory(name: str) -> EngineFactory:

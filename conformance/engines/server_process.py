@@ -90,7 +90,11 @@ class ManagedServer:
             log.write(("$ " + " ".join(argv) + "\n").encode())
             log.flush()
             self.process = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout_s

@@ -45,7 +45,7 @@ def cell_env(cell: Cell) -> dict[str, str]:
 
 def root_cause(log_tail: str) -> str:
     """The last ``SomethingError: message`` line of an engine log (the worker's real error), or ''."""
-    causes = re.findall(r"\b([A-Z][A-Za-z]*(?:Error|Exception)): (.+)$", log_tail, flags=re.M)
+    causes = re.findall(r"\b([A-Z][A-Za-z]*(?:Error|Exception)): (.+)$", log_tail, flags=re.MULTILINE)
     return f"{causes[-1][0]}: {causes[-1][1].strip()}" if causes else ""
 
 

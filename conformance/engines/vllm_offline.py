@@ -19,10 +19,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from conformance.spec import LogprobsMode, SamplingSpec, TokenContext
 from conformance.engines.base import EngineFailure, Request, Sample
 from conformance.engines.vllm_common import cell_env, log_size, read_since, read_tail, root_cause, summary, vllm_version
 from conformance.matrix import Cell
+from conformance.spec import LogprobsMode, SamplingSpec, TokenContext
+
 
 @contextlib.contextmanager
 def _environment(overlay: Mapping[str, str]) -> Iterator[None]:
@@ -132,13 +133,13 @@ class VllmOfflineEngine:
                     read_since(self.log_path, 0),
                 )
         if "error" in result:
-            exc = result["error"]
-            first = summary(exc)
+            error = result["error"]
+            first = summary(error)
             self._cleanup_processes()
             tail = self.log_tail()
             cause = root_cause(tail)
             raise EngineFailure(
-                f"cell {self.cell.id}: vLLM rejected or failed to start the engine: {type(exc).__name__}: {first}"
+                f"cell {self.cell.id}: vLLM rejected or failed to start the engine: {type(error).__name__}: {first}"
                 + (f" (root cause: {cause})" if cause and cause not in first else ""),
                 tail,
                 read_since(self.log_path, 0),
@@ -210,7 +211,9 @@ class VllmOfflineEngine:
         A failure in the worker is an :class:`EngineFailure` naming the call and its first line.
         """
         what = method if isinstance(method, str) else getattr(method, "__name__", "callable")
-        return list(self._utility(f"collective_rpc({what})", lambda: self.llm.collective_rpc(method, kwargs=kwargs or {})))
+        return list(
+            self._utility(f"collective_rpc({what})", lambda: self.llm.collective_rpc(method, kwargs=kwargs or {}))
+        )
 
     def _utility(self, what: str, call: Callable[[], Any]) -> Any:
         """``call()`` (a utility call into the engine); its failure is an :class:`EngineFailure` naming ``what``."""

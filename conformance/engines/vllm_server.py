@@ -150,7 +150,10 @@ class VllmServerEngine:
         """The ``vllm serve`` command line for this cell (see :func:`serve_command`)."""
         return [
             *serve_command(self.model_path),
-            "--host", self.host, "--port", str(port),
+            "--host",
+            self.host,
+            "--port",
+            str(port),
             "--enable-prompt-tokens-details",  # usage.prompt_tokens_details.cached_tokens
             "--disable-uvicorn-access-log",
             *cli_flags(self.cell.engine_kwargs()),
@@ -181,7 +184,9 @@ class VllmServerEngine:
         except urllib.error.HTTPError as exc:
             detail = self._error_detail(exc)
             if exc.code < 500:
-                raise EngineFailure(f"cell {self.cell.id}: the server rejected {what} (HTTP {exc.code}): {detail}") from None
+                raise EngineFailure(
+                    f"cell {self.cell.id}: the server rejected {what} (HTTP {exc.code}): {detail}"
+                ) from None
             raise self._failure(f"the server failed {what} (HTTP {exc.code}): {detail}") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
@@ -257,7 +262,7 @@ class VllmServerEngine:
         if request.spec.bad_words:
             from vllm import SamplingParams
 
-            params = SamplingParams(**request.spec.to_kwargs())  # type: ignore[arg-type]
+            params = SamplingParams(**request.spec.to_kwargs())
             params.update_from_tokenizer(self.tokenizer)
             bad = tuple(tuple(w) for w in params.bad_words_token_ids or ())
         return TokenContext(tuple(request.prompt_ids), frozenset(stop), bad)
@@ -272,8 +277,10 @@ class VllmServerEngine:
                 f"cell {self.cell.id}: malformed /v1/completions response ({type(exc).__name__}: {exc}): {text}"
             ) from None
         if len(samples) != request.spec.n:
-            raise EngineFailure(f"cell {self.cell.id}: malformed /v1/completions response: "
-                                f"{len(samples)} choices for n={request.spec.n}")
+            raise EngineFailure(
+                f"cell {self.cell.id}: malformed /v1/completions response: "
+                f"{len(samples)} choices for n={request.spec.n}"
+            )
         return samples
 
     def generate(self, requests: Sequence[Request]) -> list[list[Sample]]:

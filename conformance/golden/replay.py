@@ -27,11 +27,11 @@ from typing import Any
 import torch
 
 from conformance import contract
-from conformance.spec import SamplingSpec
 from conformance.engines.base import EngineFailure, Request, Sample
 from conformance.golden.store import GOLDEN_PROMPT_TOKENS, GoldenCase, GoldenError
 from conformance.parity import ParityReport, SequenceInput, check_parity, scaled_tolerance
 from conformance.runner import ParityRunner
+from conformance.spec import SamplingSpec
 
 MIN_TOKEN_AGREEMENT = {"float32": 1.0, "lower": 0.5}
 """Default greedy token agreement a build must reach: exact in fp32; in bf16/fp16 one near-tie flip
@@ -46,7 +46,9 @@ def record_case(runner: ParityRunner, spec: SamplingSpec, prompt_indices: tuple[
     """Generate ``spec`` on the runner's engine for the given prompts (cut to the golden length)."""
     prompts = [runner.prompts.ids[i][:GOLDEN_PROMPT_TOKENS] for i in prompt_indices]
     samples = [group[0] for group in runner.generate([Request(p, spec) for p in prompts])]
-    tops = [[{t: v for t, v in top.items() if t != tok} for tok, top in zip(s.output_ids, s.top_values)] for s in samples]
+    tops = [
+        [{t: v for t, v in top.items() if t != tok} for tok, top in zip(s.output_ids, s.top_values)] for s in samples
+    ]
     values = [[math.nan if v is None else float(v) for v in s.sampled_values] for s in samples]
     return GoldenCase(spec, prompts, [list(s.output_ids) for s in samples], values, tops)
 
@@ -71,7 +73,12 @@ class GoldenVerdict:
     @property
     def passed(self) -> bool:
         agreement_ok = self.min_token_agreement is None or self.token_agreement >= self.min_token_agreement
-        return self.golden.passed and self.reference.passed and agreement_ok and not self.direct_max_abs > self.direct_bound
+        return (
+            self.golden.passed
+            and self.reference.passed
+            and agreement_ok
+            and not self.direct_max_abs > self.direct_bound
+        )
 
     def as_record(self) -> dict[str, Any]:
         return {
@@ -111,7 +118,9 @@ class GoldenVerdict:
 def _replay_logits(runner: ParityRunner, golden: GoldenCase, vocab: int) -> list[torch.Tensor]:
     """Raw logprobs ``[len(completion), vocab]`` of each golden sequence, teacher-forced."""
     forced = SamplingSpec(temperature=0.0, max_tokens=1, logprobs=0)
-    requests = [Request(tuple(p) + tuple(c), forced, prompt_logprobs=vocab) for p, c in zip(golden.prompts, golden.completions)]
+    requests = [
+        Request(tuple(p) + tuple(c), forced, prompt_logprobs=vocab) for p, c in zip(golden.prompts, golden.completions)
+    ]
     try:
         samples = runner.generate(requests)
     except EngineFailure as exc:
@@ -139,7 +148,9 @@ def _golden_sample(golden: GoldenCase, i: int) -> Sample:
     return Sample(tuple(golden.prompts[i]), list(golden.completions[i]), values, tops)
 
 
-def _replay_sample(golden: GoldenCase, i: int, table: torch.Tensor, spec: SamplingSpec, context: Any, mode: str) -> Sample:
+def _replay_sample(
+    golden: GoldenCase, i: int, table: torch.Tensor, spec: SamplingSpec, context: Any, mode: str
+) -> Sample:
     """The new build's values for the golden tokens (cell's mode, per the contract) and its own top-n."""
     dist = contract.processed_distribution(table, golden.completions[i], spec, context)
     values = contract.mode_values(dist, table, mode)  # type: ignore[arg-type]
@@ -148,8 +159,8 @@ def _replay_sample(golden: GoldenCase, i: int, table: torch.Tensor, spec: Sampli
     tops = []
     for t, tok in enumerate(golden.completions[i]):
         top = torch.topk(values[t], k)
-        tops.append({int(j): float(v) for j, v in zip(top.indices, top.values)} | {tok: sampled[t]})
-    return Sample(tuple(golden.prompts[i]), list(golden.completions[i]), sampled, tops)  # type: ignore[arg-type]
+        tops.append({int(j): float(v) for j, v in zip(top.indices, top.values)} | {tok: float(values[t, tok])})
+    return Sample(tuple(golden.prompts[i]), list(golden.completions[i]), sampled, tops)
 
 
 def _agreement(golden: GoldenCase, regenerated: list[Sample]) -> tuple[float, float]:
@@ -191,7 +202,11 @@ def verify_case(
     recorded_vllm = entry.get("versions", {}).get("vllm", "?")
     golden_inputs = [SequenceInput(_golden_sample(golden, i), tables[i], contexts[i]) for i in range(len(tables))]
     golden_report = check_parity(
-        golden_inputs, spec, mode, tolerance, cell.id,
+        golden_inputs,
+        spec,
+        mode,
+        tolerance,
+        cell.id,
         engine_description=f"golden from vllm {recorded_vllm} judged against the replay on {engine.description}",
         decode=runner.decode,
     )
@@ -201,8 +216,13 @@ def verify_case(
         for i in range(len(tables))
     ]
     reference_report = check_parity(
-        replay_inputs, spec, mode, cell.tolerance, cell.id,
-        engine_description=f"teacher-forced replay on {engine.description}", decode=runner.decode,
+        replay_inputs,
+        spec,
+        mode,
+        cell.tolerance,
+        cell.id,
+        engine_description=f"teacher-forced replay on {engine.description}",
+        decode=runner.decode,
     )
     regenerated = [g[0] for g in runner.generate([Request(tuple(p), spec) for p in golden.prompts])]
     agreement, direct = _agreement(golden, regenerated)
@@ -220,6 +240,10 @@ def verify_case(
     )
     if runner.recorder is not None:
         extra = verdict.as_record()
-        runner.recorder.add(f"{test}:golden", golden_report, extra={"golden": {**extra, "compared": "replay-vs-golden"}})
-        runner.recorder.add(f"{test}:reference", reference_report, extra={"golden": {**extra, "compared": "replay-vs-reference"}})
+        runner.recorder.add(
+            f"{test}:golden", golden_report, extra={"golden": {**extra, "compared": "replay-vs-golden"}}
+        )
+        runner.recorder.add(
+            f"{test}:reference", reference_report, extra={"golden": {**extra, "compared": "replay-vs-reference"}}
+        )
     return verdict

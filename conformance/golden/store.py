@@ -51,8 +51,14 @@ GOLDEN_CASES: dict[str, SamplingSpec] = {
     "t0.8-topk20": SamplingSpec(temperature=0.8, top_k=20, max_tokens=16, logprobs=5, seed=101, ignore_eos=True),
     "t1.0-topp0.9": SamplingSpec(temperature=1.0, top_p=0.9, max_tokens=16, logprobs=5, seed=202, ignore_eos=True),
     "t0.7-minp-penalties": SamplingSpec(
-        temperature=0.7, min_p=0.05, frequency_penalty=0.4, presence_penalty=0.2,
-        max_tokens=16, logprobs=5, seed=303, ignore_eos=True,
+        temperature=0.7,
+        min_p=0.05,
+        frequency_penalty=0.4,
+        presence_penalty=0.2,
+        max_tokens=16,
+        logprobs=5,
+        seed=303,
+        ignore_eos=True,
     ),
 }
 
@@ -94,7 +100,8 @@ def model_hash(model_dir: Path) -> str:
     """SHA-256 over the model's config, tokenizer and weight files (names and bytes, sorted)."""
     h = hashlib.sha256()
     files = sorted(
-        p for p in model_dir.iterdir()
+        p
+        for p in model_dir.iterdir()
         if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name in ("config.json", "tokenizer.json"))
     )
     if not files:
@@ -196,10 +203,9 @@ def decode_case(data: bytes, where: str) -> GoldenCase:
         prompts.append(tuple(p_ids[p_off[i] : p_off[i + 1]]))
         completions.append(c_ids[c_off[i] : c_off[i + 1]])
         values.append(sampled[c_off[i] : c_off[i + 1]])
-        tops.append([
-            {tok: val for tok, val in zip(top_ids[j], top_lp[j]) if tok >= 0}
-            for j in range(c_off[i], c_off[i + 1])
-        ])
+        tops.append(
+            [{tok: val for tok, val in zip(top_ids[j], top_lp[j]) if tok >= 0} for j in range(c_off[i], c_off[i + 1])]
+        )
     return GoldenCase(spec, prompts, completions, values, tops)
 
 
@@ -237,7 +243,7 @@ class GoldenStore:
     def entries_for(self, model: str, cell: str) -> dict[str, dict[str, Any]]:
         """Manifest entries of one (model, cell), by case name."""
         prefix = f"{model}/{cell}/"
-        return {k[len(prefix):]: v for k, v in self.manifest()["entries"].items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in self.manifest()["entries"].items() if k.startswith(prefix)}
 
     def write(self, model: str, cell: str, case_name: str, case: GoldenCase, info: Mapping[str, Any]) -> Path:
         """Write one case's file, then its manifest entry (``info`` plus the file's hash); both atomic."""
@@ -262,7 +268,9 @@ class GoldenStore:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _entry(self, path: Path, data: bytes, case: GoldenCase, case_name: str, info: Mapping[str, Any]) -> dict[str, Any]:
+    def _entry(
+        self, path: Path, data: bytes, case: GoldenCase, case_name: str, info: Mapping[str, Any]
+    ) -> dict[str, Any]:
         return {
             **info,
             "file": path.relative_to(self.root).as_posix(),
@@ -272,7 +280,9 @@ class GoldenStore:
             "sampling": case.spec.to_kwargs(),
         }
 
-    def read(self, model: str, cell: str, case_name: str, expect: Mapping[str, Any]) -> tuple[GoldenCase, dict[str, Any]]:
+    def read(
+        self, model: str, cell: str, case_name: str, expect: Mapping[str, Any]
+    ) -> tuple[GoldenCase, dict[str, Any]]:
         """Load one entry, checking it exists, its hash, and that ``expect``'s keys equal the entry's.
 
         ``expect`` holds what must not change between record and verify (model hash, cell dtype and

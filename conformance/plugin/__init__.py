@@ -115,7 +115,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             marks = [pytest.mark.xdist_group(cell.id), *([pytest.mark.gpu] if cell.tier == "gpu" else [])]
             params.append(pytest.param(cell, id=cell.id, marks=marks))
     if not params:
-        params = [pytest.param(None, id="no-cell", marks=pytest.mark.skip(reason="no cell of the matrix fits this test"))]
+        params = [
+            pytest.param(None, id="no-cell", marks=pytest.mark.skip(reason="no cell of the matrix fits this test"))
+        ]
     metafunc.parametrize("cell", params, indirect=True, scope="session")
     if parity.repeat > 1:
         # pytest-repeat's way: a non-autouse fixture added to the engine-backed tests only.
@@ -156,7 +158,7 @@ def parity_session(pytestconfig: pytest.Config, parity_config: ParityConfig) -> 
     recorder = pytestconfig.stash[RECORDER_KEY]
     cache_dir = parity_config.cache_dir
     if cache_dir is None:
-        cache_dir = Path(pytestconfig.cache.mkdir("parity-models"))  # type: ignore[union-attr]
+        cache_dir = Path(pytestconfig.cache.mkdir("parity-models"))
     session = ParitySession(
         model=parity_config.model,
         prompts=parity_config.prompts,
@@ -252,7 +254,9 @@ def parity_settings(parity_config: ParityConfig) -> Any:
 
 
 @pytest.fixture
-def parity(request: pytest.FixtureRequest, parity_runner: Any, parity_settings: Any, parity_vocab: Any) -> Iterator[Any]:
+def parity(
+    request: pytest.FixtureRequest, parity_runner: Any, parity_settings: Any, parity_vocab: Any
+) -> Iterator[Any]:
     """This test's :class:`~conformance.plugin.fixture.Parity` in the current cell; where the test's time
     went (engine start, generation, reference, contract) is recorded when it ends."""
     import time
@@ -260,11 +264,15 @@ def parity(request: pytest.FixtureRequest, parity_runner: Any, parity_settings: 
     from conformance.plugin.fixture import Parity
 
     before, started = parity_runner.timings(), time.perf_counter()
-    yield Parity(parity_runner, parity_settings, parity_vocab, request.node.nodeid, request.config.stash[CONFIG_KEY].diagnosis)
+    yield Parity(
+        parity_runner, parity_settings, parity_vocab, request.node.nodeid, request.config.stash[CONFIG_KEY].diagnosis
+    )
     after = parity_runner.timings()
     if parity_runner.recorder is not None:
         spent = {k: after[k] - before[k] for k in after}
-        parity_runner.recorder.add_timing(request.node.nodeid, parity_runner.cell.id, {"wall": time.perf_counter() - started, **spent})
+        parity_runner.recorder.add_timing(
+            request.node.nodeid, parity_runner.cell.id, {"wall": time.perf_counter() - started, **spent}
+        )
 
 
 # -- reporting ----------------------------------------------------------------------------------------

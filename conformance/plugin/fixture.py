@@ -90,7 +90,9 @@ def diagnose_failure(
     try:
         diagnose(runner, requests, report, diagnosis, test)
     except Exception as exc:  # noqa: BLE001 - the check's own failure must still be what the test reports
-        report.reasons.append(f"(diagnosis failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+        report.reasons.append(
+            f"(diagnosis failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        )
 
 
 def judge_final(
@@ -121,7 +123,8 @@ def check_cases(
     """Property: for every drawn case the engine agrees with the contract (and ``extra`` holds).
 
     Each example holds :data:`CASES_PER_EXAMPLE` cases, generated in one engine call and judged one by
-    one (the profile's count is of cases); shrinking simplifies the failing case and the others to defaults.
+    one (the profile's count is of cases; equal cases are judged once); shrinking simplifies the failing
+    case and the others to defaults.
 
     ``test`` names the check in the records and keys hypothesis' example database. An unknown engine
     failure stops the property and fails the test as an engine finding; a known finding (see
@@ -149,6 +152,7 @@ def check_cases(
         nonlocal judged
         if failures or len(known) > MAX_KNOWN_FINDING_RESTARTS:
             return
+        batch = list(dict.fromkeys(batch))  # a constant strategy (st.just) is one case, not four copies
         per_case = [runner.requests(case) for case in batch]
         try:
             runner.prefetch_reference_for(samples := runner.generate([r for rs in per_case for r in rs]))
@@ -178,8 +182,10 @@ def check_cases(
     if failures:
         pytest.fail(engine_failure_message(failures[0]), pytrace=False)
     if known and not judged:  # a known engine finding stopped every check: xfail, not a pass with no check
-        pytest.xfail(f"known engine finding {known[0].known} stopped every check of this test: {known[0].reason}; "
-                     f"reproduce: {known[0].params}")
+        pytest.xfail(
+            f"known engine finding {known[0].known} stopped every check of this test: {known[0].reason}; "
+            f"reproduce: {known[0].params}"
+        )
     if covered:
         pytest.xfail(
             f"{covered[0].known}; {len(covered)} check(s) covered, e.g. {covered[0].spec.describe()} "
@@ -191,7 +197,12 @@ class Parity:
     """The ``parity`` fixture's object: a cell's runner bound to one test node."""
 
     def __init__(
-        self, runner: ParityRunner, settings: Any, vocab: Vocabulary, test: str, diagnosis: DiagnosisSettings | None = None
+        self,
+        runner: ParityRunner,
+        settings: Any,
+        vocab: Vocabulary,
+        test: str,
+        diagnosis: DiagnosisSettings | None = None,
     ) -> None:
         self.runner = runner
         self.diagnosis = diagnosis if diagnosis is not None else DiagnosisSettings()

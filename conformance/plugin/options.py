@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
@@ -26,24 +26,86 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("model", {"default": "bundled", "help": "model: 'bundled', a variant name or a local HF model directory"}),
     ("matrix", {"default": str(CPU_MATRIX), "help": "config matrix TOML file"}),
     ("cells", {"default": "", "help": "comma-separated cell ids to run (default: all cells of the matrix)"}),
-    ("trainer", {"default": "", "help": "what the trainer computes: " + ", ".join(TRAINER_SEMANTICS) + " (default: each cell's own logprobs mode)"}),
-    ("trainer-head", {"default": "", "help": "dtype of your trainer's lm_head (float32, bfloat16, float16): flags one-sided precision"}),
+    (
+        "trainer",
+        {
+            "default": "",
+            "help": "what the trainer computes: "
+            + ", ".join(TRAINER_SEMANTICS)
+            + " (default: each cell's own logprobs mode)",
+        },
+    ),
+    (
+        "trainer-head",
+        {
+            "default": "",
+            "help": "dtype of your trainer's lm_head (float32, bfloat16, float16): flags one-sided precision",
+        },
+    ),
     ("profile", {"default": "ci", "help": "hypothesis profile: " + ", ".join(PROFILES)}),
     ("examples", {"default": "", "help": "override the profile's examples per test"}),
-    ("shrink", {"default": "true", "help": "shrink failing examples to minimal parameters (false: report the first failure as drawn)"}),
+    (
+        "shrink",
+        {
+            "default": "true",
+            "help": "shrink failing examples to minimal parameters (false: report the first failure as drawn)",
+        },
+    ),
     ("prompts", {"default": str(DEFAULT_PROMPTS), "help": "JSON list of prompt texts"}),
-    ("engine", {"default": "", "help": "engine for every cell: a registered engine name or module:factory, factory(cell, model_path) -> Engine (default: each cell's `engine`)"}),
-    ("trainer-fn", {"default": "", "help": "module:function giving your trainer's logits, fn(sequences[, model_path]) -> [len(completion), vocab] fp32 per sequence; replaces the HF fp32 reference"}),
+    (
+        "engine",
+        {
+            "default": "",
+            "help": "engine for every cell: a registered engine name or module:factory, factory(cell, model_path) -> Engine (default: each cell's `engine`)",
+        },
+    ),
+    (
+        "trainer-fn",
+        {
+            "default": "",
+            "help": "module:function giving your trainer's logits, fn(sequences[, model_path]) -> [len(completion), vocab] fp32 per sequence; replaces the HF fp32 reference",
+        },
+    ),
     ("results", {"default": "", "help": "append one JSON record per check to this file"}),
-    ("diagnose", {"default": "on", "help": "on a failing check, re-run it with each sampling parameter reset to find the minimal failing set (on/off; costs nothing on passing checks)"}),
-    ("diagnose-calls", {"default": str(DEFAULT_MAX_CALLS), "help": "engine re-runs one failing check's diagnosis may spend"}),
-    ("repro-dir", {"default": "", "help": "a failing check writes a self-contained upstream reproduction script (vLLM + fp32 HF, no kit import) into this directory"}),
+    (
+        "diagnose",
+        {
+            "default": "on",
+            "help": "on a failing check, re-run it with each sampling parameter reset to find the minimal failing set (on/off; costs nothing on passing checks)",
+        },
+    ),
+    (
+        "diagnose-calls",
+        {"default": str(DEFAULT_MAX_CALLS), "help": "engine re-runs one failing check's diagnosis may spend"},
+    ),
+    (
+        "repro-dir",
+        {
+            "default": "",
+            "help": "a failing check writes a self-contained upstream reproduction script (vLLM + fp32 HF, no kit import) into this directory",
+        },
+    ),
     ("device", {"default": "", "help": "reference device (default: cuda when available, else cpu)"}),
-    ("repeat", {"default": "1", "help": "run each parity test this many times in one session (fresh hypothesis data each time, engines started once): repeated clean runs for a false-positive rate"}),
+    (
+        "repeat",
+        {
+            "default": "1",
+            "help": "run each parity test this many times in one session (fresh hypothesis data each time, engines started once): repeated clean runs for a false-positive rate",
+        },
+    ),
     ("cache-dir", {"default": "", "help": "where built model variants are cached (default: pytest's cache)"}),
     ("golden-dir", {"default": "", "help": "golden tensor directory (default: <rootdir>/golden)"}),
-    ("findings", {"default": "", "help": "known-findings TOML file (default: the kit's own fixtures/known_findings.toml)"}),
-    ("engines-alive", {"default": "2", "help": "engines kept running at once per session (one per engine configuration; the least recently used one is stopped)"}),
+    (
+        "findings",
+        {"default": "", "help": "known-findings TOML file (default: the kit's own fixtures/known_findings.toml)"},
+    ),
+    (
+        "engines-alive",
+        {
+            "default": "2",
+            "help": "engines kept running at once per session (one per engine configuration; the least recently used one is stopped)",
+        },
+    ),
 ]
 _BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
@@ -95,12 +157,19 @@ def add_options(parser: pytest.Parser) -> None:
     for name, spec in OPTIONS:
         ini = "parity_" + name.replace("-", "_")
         group.addoption(f"--parity-{name}", dest=ini, default=None, help=spec["help"])
-        parser.addini(ini, spec["help"], default=spec["default"])
+        parser.addini(ini, spec["help"], default="")
     group.addoption(
-        "--parity-record-golden", dest="parity_record_golden", action="store_const", const="true", default=None,
+        "--parity-record-golden",
+        dest="parity_record_golden",
+        action="store_const",
+        const="true",
+        default=None,
         help="(re)write the golden tensors of the selected cells, then verify against them",
     )
-    parser.addini("parity_record_golden", "record golden tensors (true/false)", default="false")
+    parser.addini("parity_record_golden", "record golden tensors (true/false; default false)", default="")
+
+
+_DEFAULTS: dict[str, str] = {name: str(spec["default"]) for name, spec in OPTIONS} | {"record-golden": "false"}
 
 
 def _option(config: pytest.Config, name: str) -> tuple[str, bool]:
@@ -109,8 +178,8 @@ def _option(config: pytest.Config, name: str) -> tuple[str, bool]:
     value = config.getoption(ini)
     if value is not None:
         return str(value).strip(), True
-    given = ini in config.inicfg
-    return str(config.getini(ini)).strip(), given
+    text = str(config.getini(ini)).strip()  # "" when no ini file sets it (an empty value reads as unset)
+    return (text, True) if text else (_DEFAULTS[name], False)
 
 
 def _boolean(text: str, option: str) -> bool:
@@ -159,7 +228,7 @@ def resolve_config(config: pytest.Config) -> ParityConfig:
         model=values["model"],
         matrix=Path(values["matrix"]),
         cells=[c.strip() for c in values["cells"].split(",") if c.strip()],
-        trainer=cast(TrainerSemantics | None, trainer),
+        trainer=trainer,
         trainer_head=trainer_head,
         profile=profile,
         examples=int(examples) if examples else None,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, settings
 
-
 PROFILES: dict[str, int] = {"dev": 15, "ci": 100, "nightly": 500}
 """Hypothesis profiles of the suite: examples per property."""
 

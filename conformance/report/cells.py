@@ -13,8 +13,23 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 COLUMNS = (
-    "cell", "checks", "failed", "known", "layers", "tokens", "max|Δ|", "tol used", "mean|Δ|", "meanΔ", "k3", "boundary",
-    "NeMo mult", "TRL>cap", "χ² seq", "IS ESS", "engine fails",
+    "cell",
+    "checks",
+    "failed",
+    "known",
+    "layers",
+    "tokens",
+    "max|Δ|",
+    "tol used",
+    "mean|Δ|",
+    "meanΔ",
+    "k3",
+    "boundary",
+    "NeMo mult",
+    "TRL>cap",
+    "χ² seq",
+    "IS ESS",
+    "engine fails",
 )
 """max|Δ|, mean|Δ|, meanΔ and k3 are over the point values of the sampled tokens (what a trainer sees);
 "tol used" is the verdict's margin: the largest distance of any returned value (sampled or top-n) from its
@@ -57,7 +72,9 @@ def _used(record: Record) -> float:
     return excess / bound if bound > 0 else math.inf
 
 
-def cell_rows(checks: Iterable[Record], failures: Iterable[Record] = (), by_series: bool = False) -> list[dict[str, Any]]:
+def cell_rows(
+    checks: Iterable[Record], failures: Iterable[Record] = (), by_series: bool = False
+) -> list[dict[str, Any]]:
     """One dict per cell (per cell and comparison with ``by_series``), keyed by :data:`COLUMNS` (plus
     ``comparison``): token-weighted means, worst maxima, counts. Sorted by cell."""
     grouped: dict[tuple[str, str], list[Record]] = defaultdict(list)
@@ -74,7 +91,9 @@ def cell_rows(checks: Iterable[Record], failures: Iterable[Record] = (), by_seri
         weights = [_tokens(r) for r in records]
         total = sum(weights)
 
-        def weighted(name: str, records: list[Record] = records, weights: list[int] = weights, total: int = total) -> float:
+        def weighted(
+            name: str, records: list[Record] = records, weights: list[int] = weights, total: int = total
+        ) -> float:
             if not total:
                 return math.nan
             values = [_number((r.get("metrics") or {}).get(name)) * w for r, w in zip(records, weights) if w]
@@ -87,26 +106,28 @@ def cell_rows(checks: Iterable[Record], failures: Iterable[Record] = (), by_seri
             values = [_number(x.get(key)) for x in rl if math.isfinite(_number(x.get(key)))]
             return float(pick(values)) if values else math.nan
 
-        rows.append({
-            "cell": cell,
-            "comparison": series,
-            "checks": len(records),
-            "failed": sum(not r.get("passed", True) and not r.get("known") for r in records),
-            "known": sum(not r.get("passed", True) and bool(r.get("known")) for r in records),
-            "layers": ",".join(sorted({str(r["layer"]) for r in records if r.get("layer")})) or "-",
-            "tokens": total,
-            "max|Δ|": max(maxima, default=math.nan),
-            "tol used": max((_used(r) for r in records), default=math.nan),
-            "mean|Δ|": weighted("mean_abs"),
-            "meanΔ": weighted("mean_signed"),
-            "k3": weighted("k3_kl"),
-            "boundary": sum(int(r.get("boundary_tokens", 0) or 0) for r in records),
-            "NeMo mult": worst("nemo_mult_prob_error"),
-            "TRL>cap": worst("trl_frac_over_cap"),
-            "χ² seq": worst("verl_chi2_seq"),
-            "IS ESS": worst("verl_is_ess", min),
-            "engine fails": fails.get(cell, 0) if series == "parity" else 0,
-        })
+        rows.append(
+            {
+                "cell": cell,
+                "comparison": series,
+                "checks": len(records),
+                "failed": sum(not r.get("passed", True) and not r.get("known") for r in records),
+                "known": sum(not r.get("passed", True) and bool(r.get("known")) for r in records),
+                "layers": ",".join(sorted({str(r["layer"]) for r in records if r.get("layer")})) or "-",
+                "tokens": total,
+                "max|Δ|": max(maxima, default=math.nan),
+                "tol used": max((_used(r) for r in records), default=math.nan),
+                "mean|Δ|": weighted("mean_abs"),
+                "meanΔ": weighted("mean_signed"),
+                "k3": weighted("k3_kl"),
+                "boundary": sum(int(r.get("boundary_tokens", 0) or 0) for r in records),
+                "NeMo mult": worst("nemo_mult_prob_error"),
+                "TRL>cap": worst("trl_frac_over_cap"),
+                "χ² seq": worst("verl_chi2_seq"),
+                "IS ESS": worst("verl_is_ess", min),
+                "engine fails": fails.get(cell, 0) if series == "parity" else 0,
+            }
+        )
     return rows
 
 

@@ -25,7 +25,10 @@ def _g(value: Any, digits: int = 3) -> str:
 
 def _versions(run: Run) -> str:
     v = run.versions
-    return ", ".join(f"{k} {v[k]}" for k in ("vllm", "torch", "transformers", "kit", "device") if k in v) or "versions not recorded"
+    return (
+        ", ".join(f"{k} {v[k]}" for k in ("vllm", "torch", "transformers", "kit", "device") if k in v)
+        or "versions not recorded"
+    )
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -62,7 +65,9 @@ def _failures(run: Run, limit: int = 20) -> list[str]:
             lines.append(f"  - step-order variant the values match: `{record['variant']}`")
         ablation = record.get("ablation")
         if isinstance(ablation, dict):
-            minimal = ", ".join(ablation.get("minimal") or []) or "none (fails with every sampling parameter at its default)"
+            minimal = (
+                ", ".join(ablation.get("minimal") or []) or "none (fails with every sampling parameter at its default)"
+            )
             lines.append(f"  - minimal failing parameters: {minimal}; {ablation.get('summary', '')}")
             table = ablation.get("one_at_a_time") or {}
             if table:
@@ -103,12 +108,22 @@ def _golden_rows(run: Run) -> list[list[str]]:
         gm, rm = g.get("metrics", {}), ref.get("metrics", {})
         agree = info.get("token_agreement")
         bound = info.get("min_token_agreement")
-        rows.append([
-            cell, case, str(info.get("recorded_versions", {}).get("vllm", "?")), current,
-            (_g(agree) + (f" (≥ {bound:g})" if isinstance(bound, (int, float)) else "")) if agree is not None else "-",
-            _g(gm.get("max_abs")), _g(gm.get("mean_abs")), _g(gm.get("mean_signed"), 2),
-            _g(rm.get("max_abs")), str(info.get("verdict", "-")).upper(),
-        ])
+        rows.append(
+            [
+                cell,
+                case,
+                str(info.get("recorded_versions", {}).get("vllm", "?")),
+                current,
+                (_g(agree) + (f" (≥ {bound:g})" if isinstance(bound, (int, float)) else ""))
+                if agree is not None
+                else "-",
+                _g(gm.get("max_abs")),
+                _g(gm.get("mean_abs")),
+                _g(gm.get("mean_signed"), 2),
+                _g(rm.get("max_abs")),
+                str(info.get("verdict", "-")).upper(),
+            ]
+        )
     return sorted(rows, key=lambda r: (r[-1] != "FAIL", r[0], r[1]))
 
 
@@ -121,8 +136,16 @@ def _worst_tokens(run: Run, limit: int = 10) -> list[list[str]]:
                 rows.append((excess, record, w))
     rows.sort(key=lambda t: -t[0])
     return [
-        [str(rec.get("cell")), series_of(rec), f"`{rec.get('test')}`", f"{w.get('sequence')}/{w.get('position')}/{w.get('token')}",
-         w.get("kind", "-"), _g(w.get("engine"), 6), _g(w.get("expected"), 6), _g(excess)]
+        [
+            str(rec.get("cell")),
+            series_of(rec),
+            f"`{rec.get('test')}`",
+            f"{w.get('sequence')}/{w.get('position')}/{w.get('token')}",
+            w.get("kind", "-"),
+            _g(w.get("engine"), 6),
+            _g(w.get("expected"), 6),
+            _g(excess),
+        ]
         for excess, rec, w in rows[:limit]
     ]
 
@@ -131,11 +154,17 @@ def _trend_rows(runs: list[Run]) -> list[list[str]]:
     rows = []
     for run in runs:
         deltas = [abs(d) for r in run.checks for d in finite((r.get("tokens") or {}).get("delta", []))]
-        rows.append([
-            run.path.name, run.versions.get("vllm", "?"), str(len(run.checks)),
-            str(sum(not r.get("passed", True) for r in run.checks)), str(len(run.failures)),
-            _g(max(deltas)) if deltas else "-", _g(sum(deltas) / len(deltas)) if deltas else "-",
-        ])
+        rows.append(
+            [
+                run.path.name,
+                run.versions.get("vllm", "?"),
+                str(len(run.checks)),
+                str(sum(not r.get("passed", True) for r in run.checks)),
+                str(len(run.failures)),
+                _g(max(deltas)) if deltas else "-",
+                _g(sum(deltas) / len(deltas)) if deltas else "-",
+            ]
+        )
     return rows
 
 
@@ -148,8 +177,10 @@ def markdown_report(runs: list[Run], plots: list[Path], out: Path) -> str:
     lines = [
         f"# logprob parity report: {status}",
         "",
-        f"Run `{latest.path.name}`: {len(latest.checks)} checks, {failed} failed, {known} covered by known findings, "
-        f"{len(latest.failures)} engine failures; {_versions(latest)}.",
+        (
+            f"Run `{latest.path.name}`: {len(latest.checks)} checks, {failed} failed, {known} covered by known findings, "
+            f"{len(latest.failures)} engine failures; {_versions(latest)}."
+        ),
         "Δ = expected − engine in nats (for golden checks: new build's replay − golden value).",
         "",
     ]
@@ -164,8 +195,18 @@ def markdown_report(runs: list[Run], plots: list[Path], out: Path) -> str:
     if golden:
         lines += ["", "## Golden drift (teacher-forced replay)", ""]
         lines += _table(
-            ["cell", "case", "recorded vllm", "verified vllm", "greedy/regen token agreement",
-             "max abs Δ vs golden", "mean abs Δ vs golden", "mean Δ vs golden", "max abs Δ vs fp32 ref", "verdict"],
+            [
+                "cell",
+                "case",
+                "recorded vllm",
+                "verified vllm",
+                "greedy/regen token agreement",
+                "max abs Δ vs golden",
+                "mean abs Δ vs golden",
+                "mean Δ vs golden",
+                "max abs Δ vs fp32 ref",
+                "verdict",
+            ],
             golden,
         )
     worst = _worst_tokens(latest)
@@ -174,7 +215,9 @@ def markdown_report(runs: list[Run], plots: list[Path], out: Path) -> str:
         lines += _table(["cell", "comparison", "test", "seq/pos/token", "kind", "engine", "expected", "abs Δ"], worst)
     if len(runs) > 1:
         lines += ["", "## Across runs", ""]
-        lines += _table(["file", "vllm", "checks", "failed", "engine fails", "max abs Δ", "mean abs Δ"], _trend_rows(runs))
+        lines += _table(
+            ["file", "vllm", "checks", "failed", "engine fails", "max abs Δ", "mean abs Δ"], _trend_rows(runs)
+        )
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{p.stem}]({p.relative_to(out).as_posix() if p.is_relative_to(out) else p})" for p in plots]

@@ -83,8 +83,15 @@ def delta_histograms(run: Run, out: Path) -> Path:
             span = max(worst, FLOOR) * 1.05
             ax.hist(deltas, bins=41, range=(-span, span), color=SERIES_COLORS.get(series, "gray"), alpha=0.8)
             mean = sum(deltas) / len(deltas)
-            ax.text(0.02, 0.97, f"n={len(deltas)}\nmax|Δ|={worst:.2g}\nmeanΔ={mean:+.2g}", transform=ax.transAxes,
-                    va="top", fontsize=8, bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
+            ax.text(
+                0.02,
+                0.97,
+                f"n={len(deltas)}\nmax|Δ|={worst:.2g}\nmeanΔ={mean:+.2g}",
+                transform=ax.transAxes,
+                va="top",
+                fontsize=8,
+                bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"},
+            )
         ax.set_title(f"{cell}: {series}")
         ax.set_xlabel("Δ = expected − engine (nats)")
         ax.set_ylabel("tokens (log)")
@@ -112,10 +119,20 @@ def abs_delta_vs_probability(run: Run, out: Path) -> Path:
             tokens = data.get((cell, series))
             if not tokens:
                 continue
-            pairs = [(x, max(abs(d), FLOOR)) for x, d in zip(tokens["p"], tokens["delta"]) if isinstance(x, (int, float)) and x > 0]
+            pairs = [
+                (x, max(abs(d), FLOOR))
+                for x, d in zip(tokens["p"], tokens["delta"])
+                if isinstance(x, (int, float)) and x > 0
+            ]
             if pairs:
-                ax.scatter([x for x, _ in pairs], [y for _, y in pairs], s=10, alpha=0.55, color=cmap(i % 10),
-                           label=f"{cell} (n={len(pairs)})")
+                ax.scatter(
+                    [x for x, _ in pairs],
+                    [y for _, y in pairs],
+                    s=10,
+                    alpha=0.55,
+                    color=cmap(i % 10),
+                    label=f"{cell} (n={len(pairs)})",
+                )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(series)

@@ -65,8 +65,12 @@ class Recorder:
     def payload(self) -> str:
         """Everything recorded, as JSON (what a pytest-xdist worker hands to the controller)."""
         return json.dumps(
-            {"records": self.records, "failures": self.failure_records, "timings": self.timing_records,
-             "versions": self.versions},
+            {
+                "records": self.records,
+                "failures": self.failure_records,
+                "timings": self.timing_records,
+                "versions": self.versions,
+            },
             default=str,
         )
 

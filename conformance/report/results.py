@@ -57,7 +57,9 @@ def load_run(path: Path) -> Run:
         except json.JSONDecodeError as exc:
             raise ResultsError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
         if not isinstance(record, dict) or record.get("kind") not in ("check", "engine-failure", "timing"):
-            raise ResultsError(f"{path}:{number}: not a parity record (expected kind 'check', 'engine-failure' or 'timing')")
+            raise ResultsError(
+                f"{path}:{number}: not a parity record (expected kind 'check', 'engine-failure' or 'timing')"
+            )
         {"check": run.checks, "engine-failure": run.failures, "timing": run.timings}[record["kind"]].append(record)
     if not run.checks and not run.failures:
         raise ResultsError(f"{path}: no records (was the run made with --parity-results?)")

@@ -32,8 +32,11 @@ DRAWS = 1500
 
 def chi_square_sf(statistic: float, dof: int) -> float:
     """Survival function of the chi-square distribution (regularised upper incomplete gamma)."""
-    return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64),
-                                         torch.tensor(statistic / 2.0, dtype=torch.float64)))
+    return float(
+        torch.special.gammaincc(
+            torch.tensor(dof / 2.0, dtype=torch.float64), torch.tensor(statistic / 2.0, dtype=torch.float64)
+        )
+    )
 
 
 def goodness_of_fit(counts: dict[int, int], probs: dict[int, float], other: float) -> tuple[float, int, float]:
@@ -60,10 +63,14 @@ def goodness_of_fit(counts: dict[int, int], probs: dict[int, float], other: floa
     return statistic, dof, chi_square_sf(statistic, dof)
 
 
-@pytest.mark.parametrize("spec", [
-    SamplingSpec(temperature=1.0, max_tokens=8, logprobs=TOP, seed=11),
-    SamplingSpec(temperature=0.7, top_p=0.95, max_tokens=8, logprobs=TOP, seed=12),
-], ids=["t1", "t0.7-top_p0.95"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        SamplingSpec(temperature=1.0, max_tokens=8, logprobs=TOP, seed=11),
+        SamplingSpec(temperature=0.7, top_p=0.95, max_tokens=8, logprobs=TOP, seed=12),
+    ],
+    ids=["t1", "t0.7-top_p0.95"],
+)
 def test_top_k_distribution_matches_reference(parity: Parity, spec: SamplingSpec) -> None:
     requests = [Request(parity.prompts.ids[i], spec) for i in (0, 2, 9)]
     samples = parity.generate(requests)
@@ -71,7 +78,7 @@ def test_top_k_distribution_matches_reference(parity: Parity, spec: SamplingSpec
     tolerance = parity.max_abs(spec, parity.target)
     mode = parity.cell.logprobs_mode
     problems: list[str] = []
-    for (request, group) in zip(requests, samples):
+    for request, group in zip(requests, samples):
         sample = group[0]
         context = parity.engine.token_context(request)
         raw = parity.runner.reference.raw_logits([(sample.prompt_ids, sample.output_ids)])[0]
@@ -83,14 +90,18 @@ def test_top_k_distribution_matches_reference(parity: Parity, spec: SamplingSpec
             kth = float(ref_sorted[min(TOP, len(ref_sorted)) - 1])
             for t in engine_tokens:
                 if float(values[pos, t]) < kth - 2 * tolerance and math.isfinite(top[t]):
-                    problems.append(f"pos {pos}: token {t} is in the engine's top-{TOP} but ranks below the "
-                                    f"reference's {TOP}th value by {kth - float(values[pos, t]):.3g}")
+                    problems.append(
+                        f"pos {pos}: token {t} is in the engine's top-{TOP} but ranks below the "
+                        f"reference's {TOP}th value by {kth - float(values[pos, t]):.3g}"
+                    )
             if mode.endswith("logprobs"):
                 finite = [t for t in engine_tokens if math.isfinite(top[t])]
                 eng_mass = sum(math.exp(top[t]) for t in finite)
                 ref_mass = float(torch.exp(values[pos, finite]).sum()) if finite else 0.0
                 if abs(eng_mass - ref_mass) > max(1e-3, 2 * tolerance):
-                    problems.append(f"pos {pos}: mass of the engine's top-{TOP} {eng_mass:.4f} vs reference {ref_mass:.4f}")
+                    problems.append(
+                        f"pos {pos}: mass of the engine's top-{TOP} {eng_mass:.4f} vs reference {ref_mass:.4f}"
+                    )
                 shared = [t for t in finite if math.isfinite(float(values[pos, t]))]
                 if shared:
                     p = torch.softmax(values[pos, shared].double(), dim=0)

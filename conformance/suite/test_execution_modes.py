@@ -65,7 +65,10 @@ class Switch:
 NOT_ENGINE = ("id", "purpose", "source", "families", "requires", "start_timeout_s")
 """Cell fields that do not configure the engine (never a difference between two sides of a switch)."""
 PARALLEL_ENV = (
-    "VLLM_CPU_OMP_THREADS_BIND", "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS",
+    "VLLM_CPU_OMP_THREADS_BIND",
+    "NCCL_NVLS_ENABLE",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+    "NVSHMEM_DISABLE_NVLS",
 )
 """What a parallel engine's cell sets beside the parallel size (CPU thread binding, NVLink multicast off)."""
 SWITCHES: dict[str, Switch] = {
@@ -76,7 +79,8 @@ SWITCHES: dict[str, Switch] = {
     "attention backend": Switch(("attention_backend",)),
     "model runner": Switch(env=("VLLM_USE_V2_MODEL_RUNNER",)),
     "tensor parallel size": Switch(
-        engine_kwargs=("tensor_parallel_size",), companions=("gpus", "max_num_batched_tokens", "max_num_seqs"),
+        engine_kwargs=("tensor_parallel_size",),
+        companions=("gpus", "max_num_batched_tokens", "max_num_seqs"),
         companion_env=PARALLEL_ENV,
     ),
 }
@@ -88,7 +92,7 @@ def switch_pairs(cells: list[Cell]) -> list[tuple[Cell, Cell, str]]:
     settings that go with it)."""
     pairs = []
     for i, a in enumerate(cells):
-        for b in cells[i + 1:]:
+        for b in cells[i + 1 :]:
             differ = [n for n, switch in SWITCHES.items() if switch.differs(a, b) and switch.rest(a) == switch.rest(b)]
             # One attention backend against another is two switches away from the default: pair each with
             # the cell that leaves the backend to vLLM only.
@@ -101,7 +105,7 @@ def switch_pairs(cells: list[Cell]) -> list[tuple[Cell, Cell, str]]:
 def pair_requests(prompt_ids: Sequence[Sequence[int]]) -> list[Request]:
     """What both sides of a pair are sent (twice; the second pass is compared): a prompt of ~2.5 CPU KV blocks
     (320 tokens), which makes the prefix cache and a small step budget matter, and three short prompts."""
-    long_prompt = tuple(t for i in (8, 9, 10) for t in prompt_ids[i][(0 if i == 8 else 1):])[:320]
+    long_prompt = tuple(t for i in (8, 9, 10) for t in prompt_ids[i][(0 if i == 8 else 1) :])[:320]
     return [Request(long_prompt, SPEC)] + [Request(tuple(prompt_ids[i]), SPEC) for i in (0, 2, 12)]
 
 
@@ -122,20 +126,27 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # xdist_group: the pair runs in the worker that owns its second cell, whose engine it then reuses.
     params = [pytest.param(p, id=f"{p[0].id}-vs-{p[1].id}", marks=pytest.mark.xdist_group(p[1].id)) for p in pairs]
     if not params:
-        params = [pytest.param(None, id="no-pair", marks=pytest.mark.skip(reason="no pair of cells differs in one execution switch"))]
+        params = [
+            pytest.param(
+                None, id="no-pair", marks=pytest.mark.skip(reason="no pair of cells differs in one execution switch")
+            )
+        ]
     metafunc.parametrize("pair", params)
 
 
-def test_execution_switch_keeps_logprobs(pair: tuple[Cell, Cell, str], parity_session: Any,
-                                         request: pytest.FixtureRequest) -> None:
+def test_execution_switch_keeps_logprobs(
+    pair: tuple[Cell, Cell, str], parity_session: Any, request: pytest.FixtureRequest
+) -> None:
     import torch
 
     from conformance.plugin import skip_unless_runnable
 
     base, other, switch = pair
     if "gpu" in (base.tier, other.tier) and not torch.cuda.is_available():
-        pytest.skip(f"{switch} switch {base.id} vs {other.id} is a GPU pair (CUDA graphs, compile, runners and "
-                    "attention backends are GPU execution modes); torch.cuda.is_available() is False")
+        pytest.skip(
+            f"{switch} switch {base.id} vs {other.id} is a GPU pair (CUDA graphs, compile, runners and "
+            "attention backends are GPU execution modes); torch.cuda.is_available() is False"
+        )
     skip_unless_runnable(base)
     skip_unless_runnable(other)
     requests = pair_requests(parity_session.prompts(parity_session.model_path(base)).ids)

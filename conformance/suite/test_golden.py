@@ -99,5 +99,7 @@ def test_golden(
     except GoldenError as exc:
         pytest.fail(str(exc), pytrace=False)
     except EngineFailure as exc:
-        pytest.fail(f"ENGINE FAILURE [layer: engine] in cell {cell.id!r} (golden case {case_name!r}): {exc}", pytrace=False)
+        pytest.fail(
+            f"ENGINE FAILURE [layer: engine] in cell {cell.id!r} (golden case {case_name!r}): {exc}", pytrace=False
+        )
     assert verdict.passed, verdict.explain()

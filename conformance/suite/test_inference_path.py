@@ -62,8 +62,9 @@ def test_prefix_cache_hit_matches_cold(parity: Parity) -> None:
     block = _block_size(parity)
     prompt = _concat(parity, 2 * block + block // 2)
 
-    @parity.given(settings=parity.fewer(10, 5), spec=sampling_specs(parity.vocab, max_tokens=12),
-                  seed=st.integers(0, 2**31 - 1))
+    @parity.given(
+        settings=parity.fewer(10, 5), spec=sampling_specs(parity.vocab, max_tokens=12), seed=st.integers(0, 2**31 - 1)
+    )
     def property_(spec: SamplingSpec, seed: int) -> None:
         spec = dataclasses.replace(spec, seed=seed, n=1)
         request = [Request(prompt, spec)]
@@ -76,8 +77,16 @@ def test_prefix_cache_hit_matches_cold(parity: Parity) -> None:
             "the test would not exercise the cache path"
         )
         note(f"cached tokens on the hit: {cached}")
-        parity.assert_paths(compare_samples(cold[0], hit[0], parity.cell.id, ("cold", "prefix-cache hit"),
-                                            parity.max_abs(spec), f"{cached} prompt tokens from the cache"))
+        parity.assert_paths(
+            compare_samples(
+                cold[0],
+                hit[0],
+                parity.cell.id,
+                ("cold", "prefix-cache hit"),
+                parity.max_abs(spec),
+                f"{cached} prompt tokens from the cache",
+            )
+        )
         parity.assert_passed(parity.judge(request, hit))
 
     property_()
@@ -96,8 +105,16 @@ def test_shared_prefixes_are_order_invariant(parity: Parity) -> None:
     second = parity.generate([Request(prompts[i], GREEDY) for i in shuffled])
     by_prompt = {i: second[k] for k, i in enumerate(shuffled)}
     for i in order:
-        parity.assert_paths(compare_samples(first[i], by_prompt[i], parity.cell.id, ("order A", "order B"),
-                                            parity.max_abs(GREEDY), f"prompt {i}, shared prefix {len(prefix)} tokens"))
+        parity.assert_paths(
+            compare_samples(
+                first[i],
+                by_prompt[i],
+                parity.cell.id,
+                ("order A", "order B"),
+                parity.max_abs(GREEDY),
+                f"prompt {i}, shared prefix {len(prefix)} tokens",
+            )
+        )
     parity.assert_passed(parity.judge([Request(prompts[i], GREEDY) for i in shuffled], second))
 
 
@@ -116,8 +133,9 @@ def test_batch_composition_does_not_change_logprobs(parity: Parity) -> None:
     def property_(spec: SamplingSpec, seed: int, target: int, others: list[int], slot: int) -> None:
         spec = dataclasses.replace(spec, seed=seed)
         alone = [Request(parity.prompts.ids[target], spec)]
-        batch = [Request(parity.prompts.ids[i], dataclasses.replace(spec, seed=seed + 1 + k))
-                 for k, i in enumerate(others)]
+        batch = [
+            Request(parity.prompts.ids[i], dataclasses.replace(spec, seed=seed + 1 + k)) for k, i in enumerate(others)
+        ]
         slot = min(slot, len(batch))
         batch.insert(slot, alone[0])
         solo = parity.generate(alone)
@@ -125,10 +143,16 @@ def test_batch_composition_does_not_change_logprobs(parity: Parity) -> None:
         # VLLM_BATCH_INVARIANT=1 (GPU, SM80+) promises bitwise-equal results whatever the batch.
         invariant = parity.cell.env.get("VLLM_BATCH_INVARIANT") == "1"
         tolerance = 0.0 if invariant else parity.max_abs(spec)
-        parity.assert_paths(compare_samples(
-            solo[0], mixed[slot], parity.cell.id, ("alone", f"in a batch of {len(batch)}"), tolerance,
-            f"slot {slot}, n={spec.n}" + (", batch-invariant cell" if invariant else ""),
-        ))
+        parity.assert_paths(
+            compare_samples(
+                solo[0],
+                mixed[slot],
+                parity.cell.id,
+                ("alone", f"in a batch of {len(batch)}"),
+                tolerance,
+                f"slot {slot}, n={spec.n}" + (", batch-invariant cell" if invariant else ""),
+            )
+        )
         parity.assert_passed(parity.judge(batch, mixed))
 
     property_()

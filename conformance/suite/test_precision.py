@@ -83,9 +83,11 @@ def compare_heads(low: Cell, head32: Cell, session: Any, head32_handle: Any = No
     better = int((e_head < e_low).sum())
     worse = int((e_head > e_low).sum())
     p = sign_test_p(better, worse)
-    line = (f"{low.id}: mean|Δ| {e_low.mean():.4f} max {e_low.max():.3f} | {head32.id}: mean|Δ| "
-            f"{e_head.mean():.4f} max {e_head.max():.3f} | head32 closer on {better}, farther on {worse}, "
-            f"tied {len(e_low) - better - worse} of {len(e_low)} tokens; sign test p = {p:.2g}")
+    line = (
+        f"{low.id}: mean|Δ| {e_low.mean():.4f} max {e_low.max():.3f} | {head32.id}: mean|Δ| "
+        f"{e_head.mean():.4f} max {e_head.max():.3f} | head32 closer on {better}, farther on {worse}, "
+        f"tied {len(e_low) - better - worse} of {len(e_low)} tokens; sign test p = {p:.2g}"
+    )
     return line, p < ALPHA and e_head.mean() < e_low.mean()
 
 
@@ -128,8 +130,10 @@ def test_mismatch_is_measured(cell: Cell, parity_session: Any) -> None:
     mult = float(np.exp(errors).mean())
     precision = "fp8" if "fp8" in str(cell.extra_engine_kwargs.get("quantization", "")) else cell.dtype
     gate = MULT_PROB_GATES.get(precision)
-    print(f"{cell.id} ({precision}): mean|Δ| {errors.mean():.4g} max|Δ| {errors.max():.4g} "
-          f"token_mult_prob_error {mult:.4f} over {errors.size} tokens" + (f" (gate {gate})" if gate else ""))
+    print(
+        f"{cell.id} ({precision}): mean|Δ| {errors.mean():.4g} max|Δ| {errors.max():.4g} "
+        f"token_mult_prob_error {mult:.4f} over {errors.size} tokens" + (f" (gate {gate})" if gate else "")
+    )
     if gate is None:
         pytest.skip(f"cell {cell.id}: {precision} has no published health gate; measured mean|Δ| {errors.mean():.3g}")
     assert mult <= gate, (

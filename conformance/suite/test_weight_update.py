@@ -61,7 +61,12 @@ def update_kits(parity_session: Any) -> Any:
             trainer = TrainerStandIn(model_path, device=parity_session.device)
             w1 = trainer.step(training_batch(prompt_ids))
             kits[model_path] = UpdateKit(
-                trainer, trainer.w0, w1, trainer.reference(trainer.w0), trainer.reference(w1), default_probes(prompt_ids)
+                trainer,
+                trainer.w0,
+                w1,
+                trainer.reference(trainer.w0),
+                trainer.reference(w1),
+                default_probes(prompt_ids),
             )
         return kits[model_path]
 
@@ -76,10 +81,23 @@ def kit(update_kits: Any, parity_model_path: Path, parity: Parity) -> UpdateKit:
 def _judge(parity: Parity, kit: UpdateKit, samples: Any, new: WeightSet, ref_new: Any, path: str) -> UpdateReport:
     engine = parity.engine
     cell = parity.cell
-    return judge_update(UpdateCheck(
-        kit.probes.requests, samples, token_contexts(engine, kit.probes.requests), kit.trainer, new, kit.w0,
-        cell.logprobs_mode, cell.tolerance, cell.id, path, new_reference=ref_new, old_reference=kit.ref0, engine=engine,
-    ))
+    return judge_update(
+        UpdateCheck(
+            kit.probes.requests,
+            samples,
+            token_contexts(engine, kit.probes.requests),
+            kit.trainer,
+            new,
+            kit.w0,
+            cell.logprobs_mode,
+            cell.tolerance,
+            cell.id,
+            path,
+            new_reference=ref_new,
+            old_reference=kit.ref0,
+            engine=engine,
+        )
+    )
 
 
 def _generate(parity: Parity, kit: UpdateKit) -> Any:
@@ -124,7 +142,9 @@ def restores_w0(parity: Parity, kit: UpdateKit) -> Iterator[None]:
             return
     if not restored:
         handle.close()
-        pytest.fail(f"could not restore W0 after the test (engine restarted for the next tests):\n{detail}", pytrace=False)
+        pytest.fail(
+            f"could not restore W0 after the test (engine restarted for the next tests):\n{detail}", pytrace=False
+        )
 
 
 @pytest.mark.parametrize("path_name", list(UPDATE_PATHS))
@@ -189,7 +209,9 @@ def test_refits_stay_flat(parity: Parity, kit: UpdateKit, restores_w0: None) -> 
         deltas: list[float] = []
         for a_group, b_group in zip(first, samples):
             for a, b in zip(a_group, b_group):
-                assert a.output_ids == b.output_ids, f"refit {refit}: greedy tokens changed ({a.output_ids} -> {b.output_ids})"
+                assert a.output_ids == b.output_ids, (
+                    f"refit {refit}: greedy tokens changed ({a.output_ids} -> {b.output_ids})"
+                )
                 deltas += [y - x for x, y in zip(a.sampled_values, b.sampled_values) if x is not None and y is not None]
         worst = max((abs(d) for d in deltas), default=0.0)
         mean = sum(deltas) / len(deltas) if deltas else 0.0

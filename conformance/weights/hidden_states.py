@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from conformance.spec import SamplingSpec
 from conformance.engines.base import Engine, EngineFailure, PrefixCacheReset, Request, WorkerRPC
+from conformance.spec import SamplingSpec
 
 MODULES = re.compile(r"^model\.(embed_tokens|layers\.\d+\.(self_attn|mlp)|norm)$")
 """The modules compared, by their (shared) vLLM / HF name."""

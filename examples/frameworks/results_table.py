@@ -69,8 +69,10 @@ def table(records: list[dict]) -> str:
             f"{_g(rl['verl_chi2_token'])} | {rl['verl_is_ess']:.3f} | {nemo:.4f} ({'ok' if nemo < 1.05 else '> 1.05'}) |"
         )
     lines.append("")
-    lines.append(f"(the kit's max|Δ| over the sampled tokens, printed to 3 digits, vs the framework's own: largest relative "
-                 f"difference {worst:.2g}, i.e. equal to the printed precision)")
+    lines.append(
+        f"(the kit's max|Δ| over the sampled tokens, printed to 3 digits, vs the framework's own: largest relative "
+        f"difference {worst:.2g}, i.e. equal to the printed precision)"
+    )
     return "\n".join(lines)
 
 

@@ -65,8 +65,16 @@ def _layer(text: str) -> str:
     return found.group(1) if found else "error"
 
 
-def run_row(row: dict[str, Any], runner: Any, model_path: Path, trainer_fn: Callable[..., Any], declared: str,
-            framework_logps: FrameworkLogps, framework: str, version: str) -> RowResult:
+def run_row(
+    row: dict[str, Any],
+    runner: Any,
+    model_path: Path,
+    trainer_fn: Callable[..., Any],
+    declared: str,
+    framework_logps: FrameworkLogps,
+    framework: str,
+    version: str,
+) -> RowResult:
     """Generate, judge with the kit, score with the framework's own function; record when asked."""
     spec = row_spec(row)
     requests = [Request(runner.prompts.ids[i], spec) for i in PROMPTS]
@@ -74,8 +82,9 @@ def run_row(row: dict[str, Any], runner: Any, model_path: Path, trainer_fn: Call
     samples = engine.generate(requests)
     result = RowResult(row["id"], runner.cell.id, str(engine.logprobs_mode), spec.describe(), declared, "pass")
     try:
-        report = assert_logprob_parity(engine, trainer_fn, requests, samples=samples, cell=runner.cell,
-                                       trainer=declared, model_path=model_path)  # type: ignore[arg-type]
+        report = assert_logprob_parity(
+            engine, trainer_fn, requests, samples=samples, cell=runner.cell, trainer=declared, model_path=model_path
+        )  # type: ignore[arg-type]
         result.kit_metrics = report.metrics.summary()
     except AssertionError as exc:
         text = str(exc)
@@ -87,8 +96,7 @@ def run_row(row: dict[str, Any], runner: Any, model_path: Path, trainer_fn: Call
     ours = [np.asarray(v, dtype=np.float64) for v in framework_logps(pairs, model_path, spec.effective_temperature)]
     theirs = [np.array([np.nan if v is None else v for v in s.sampled_values], dtype=np.float64) for s in flat]
     m = compute_metrics(np.concatenate(ours), np.concatenate(theirs))
-    result.own = {"n": m.n, "max_abs": m.max_abs, "mean_signed": m.mean_signed, "mean_abs": m.mean_abs,
-                        "k3": m.k3_kl}
+    result.own = {"n": m.n, "max_abs": m.max_abs, "mean_signed": m.mean_signed, "mean_abs": m.mean_abs, "k3": m.k3_kl}
     rl = rl_framework_metrics(ours, theirs)
     result.own_logps = [o.tolist() for o in ours]
     result.engine_logps = [t.tolist() for t in theirs]
@@ -104,7 +112,9 @@ def run_row(row: dict[str, Any], runner: Any, model_path: Path, trainer_fn: Call
 def check_expectation(row: dict[str, Any], result: RowResult) -> None:
     """The kit's verdict is the one the row expects for this cell (and names the expected cause)."""
     expected = row["expect"][result.cell]
-    detail = f"row {row['id']!r} on cell {result.cell!r} ({row['why']})\n{result.failure}\nframework: {result.rl_summary}"
+    detail = (
+        f"row {row['id']!r} on cell {result.cell!r} ({row['why']})\n{result.failure}\nframework: {result.rl_summary}"
+    )
     assert result.verdict == expected, f"expected {expected}, the kit said {result.verdict}: {detail}"
     pattern = row.get("match", {}).get(result.cell)
     if pattern:

@@ -65,8 +65,11 @@ def verl_per_token_logps(sequences: Pairs, model_path: str | Path, temperature: 
     logits_rmpad = torch.cat(rows)  # (total_nnz, vocab): the completion positions of every sequence
     labels = torch.cat([torch.tensor(list(c), dtype=torch.long) for _, c in sequences])
     temperature_rmpad = torch.full((logits_rmpad.shape[0],), float(temperature), dtype=torch.float32)
-    scaled = _scale_logits_by_temperature(logits_rmpad, temperature_rmpad.unsqueeze(-1),
-                                          is_unit_temperature=_is_scalar_unit_temperature(float(temperature)))
+    scaled = _scale_logits_by_temperature(
+        logits_rmpad,
+        temperature_rmpad.unsqueeze(-1),
+        is_unit_temperature=_is_scalar_unit_temperature(float(temperature)),
+    )
     log_probs = logprobs_from_logits(logits=scaled, labels=labels)
     return list(log_probs.float().split([len(c) for _, c in sequences]))
 

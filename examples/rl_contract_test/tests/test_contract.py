@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import my_trainer
 import pytest
 
 from conformance import Request, SamplingSpec, assert_logprob_parity
 from conformance.suite.test_semantics import test_logprobs_match_contract  # noqa: F401 - collected here
-
-import my_trainer
 
 pytestmark = pytest.mark.parity
 
@@ -24,9 +23,21 @@ def test_planted_trainer_bug_is_caught(parity_runner: Any, parity_model_path: An
     engine = parity_runner.handle.engine
     samples = engine.generate(requests)
     # our real trainer agrees with the engine on these samples ...
-    assert_logprob_parity(engine, my_trainer.trainer_logits, requests, samples=samples,
-                          cell=parity_runner.cell, model_path=parity_model_path)
+    assert_logprob_parity(
+        engine,
+        my_trainer.trainer_logits,
+        requests,
+        samples=samples,
+        cell=parity_runner.cell,
+        model_path=parity_model_path,
+    )
     # ... and a misaligned one does not
     with pytest.raises(AssertionError, match=r"logprob parity FAILED \[layer: semantic\]"):
-        assert_logprob_parity(engine, my_trainer.trainer_logits_off_by_one, requests, samples=samples,
-                              cell=parity_runner.cell, model_path=parity_model_path)
+        assert_logprob_parity(
+            engine,
+            my_trainer.trainer_logits_off_by_one,
+            requests,
+            samples=samples,
+            cell=parity_runner.cell,
+            model_path=parity_model_path,
+        )

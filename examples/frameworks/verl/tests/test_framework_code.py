@@ -68,8 +68,12 @@ def test_verl_actor_logps_equal_the_kit_temperature_only(temperature: float) -> 
 def test_logprobs_from_logits_is_the_full_vocabulary_log_softmax() -> None:
     z = torch.cat(trainer_fn.trainer_logits(SEQUENCES, MODEL))
     labels = torch.cat([torch.tensor(c) for _, c in SEQUENCES])
-    torch.testing.assert_close(logprobs_from_logits(z, labels), torch.log_softmax(z, -1).gather(-1, labels[:, None])[:, 0],
-                               atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        logprobs_from_logits(z, labels),
+        torch.log_softmax(z, -1).gather(-1, labels[:, None])[:, 0],
+        atol=1e-6,
+        rtol=1e-6,
+    )
 
 
 def test_forgetting_the_temperature_is_visible_here_too() -> None:
@@ -84,10 +88,16 @@ def _batch(seed: int, scale: float) -> tuple[list[np.ndarray], list[np.ndarray]]
     return [e + rng.normal(0.0, scale, size=e.size) for e in engine], engine
 
 
-def _verl_inputs(trainer: list[np.ndarray], engine: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _verl_inputs(
+    trainer: list[np.ndarray], engine: list[np.ndarray]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     t, mask = pad(trainer)
     e, _ = pad(engine)
-    return torch.tensor(t, dtype=torch.float64), torch.tensor(e, dtype=torch.float64), torch.tensor(mask, dtype=torch.float64)
+    return (
+        torch.tensor(t, dtype=torch.float64),
+        torch.tensor(e, dtype=torch.float64),
+        torch.tensor(mask, dtype=torch.float64),
+    )
 
 
 @pytest.mark.parametrize("seed,scale", [(0, 0.01), (1, 0.3), (2, 1.0)])
@@ -107,9 +117,12 @@ def test_kit_is_metrics_equal_verl(level: str, seed: int, scale: float) -> None:
     trainer, engine = _batch(seed, scale)
     old, rollout, mask = _verl_inputs(trainer, engine)
     threshold = DEFAULTS["rollout_correction"]["rollout_is_threshold"]
-    _, theirs = compute_rollout_correction_weights(log_ratio=old - rollout, response_mask=mask, rollout_is=level,
-                                                   rollout_is_threshold=threshold)
+    _, theirs = compute_rollout_correction_weights(
+        log_ratio=old - rollout, response_mask=mask, rollout_is=level, rollout_is_threshold=threshold
+    )
     ours = verl_is_metrics(trainer, engine, rollout_is=level, rollout_is_threshold=threshold)  # type: ignore[arg-type]
     assert set(ours) == set(theirs)
     for key, value in theirs.items():
-        assert ours[key] == pytest.approx(value, rel=1e-6, abs=1e-9) or (math.isnan(value) and math.isnan(ours[key])), key
+        assert ours[key] == pytest.approx(value, rel=1e-6, abs=1e-9) or (math.isnan(value) and math.isnan(ours[key])), (
+            key
+        )

@@ -31,19 +31,46 @@ def test_off_by_one_trainer_is_caught(parity_runner: Any, parity_model_path: Pat
     requests = [Request(parity_runner.prompts.ids[i], spec) for i in (0, 1, 2)]
     engine = parity_runner.handle.engine
     samples = engine.generate(requests)
-    assert_logprob_parity(engine, trainer_fn.trainer_logits, requests, samples=samples, cell=parity_runner.cell,
-                          trainer="temperature-only", model_path=parity_model_path)
+    assert_logprob_parity(
+        engine,
+        trainer_fn.trainer_logits,
+        requests,
+        samples=samples,
+        cell=parity_runner.cell,
+        trainer="temperature-only",
+        model_path=parity_model_path,
+    )
     with pytest.raises(AssertionError, match=r"logprob parity FAILED \[layer: semantic\]"):
-        assert_logprob_parity(engine, trainer_fn.trainer_logits_off_by_one, requests, samples=samples,
-                              cell=parity_runner.cell, trainer="temperature-only", model_path=parity_model_path)
+        assert_logprob_parity(
+            engine,
+            trainer_fn.trainer_logits_off_by_one,
+            requests,
+            samples=samples,
+            cell=parity_runner.cell,
+            trainer="temperature-only",
+            model_path=parity_model_path,
+        )
 
 
 @pytest.mark.parity  # starts an engine (in the nested run): `-m "not parity"` leaves it out
 @pytest.mark.slow
 def test_trainer_that_forgets_the_temperature_fails_the_run(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "PARITY_FRAMEWORK_RESULTS")}
-    cmd = [sys.executable, "-m", "pytest", "tests/test_verl_matrix.py", "-k", "temperature-0.6", "-q",
-           "--parity-cells", "verl-fp32", "--parity-trainer", "raw", "-p", "no:cacheprovider"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "tests/test_verl_matrix.py",
+        "-k",
+        "temperature-0.6",
+        "-q",
+        "--parity-cells",
+        "verl-fp32",
+        "--parity-trainer",
+        "raw",
+        "-p",
+        "no:cacheprovider",
+    ]
     result = subprocess.run(cmd, cwd=HERE, env=env, check=False, capture_output=True, text=True, timeout=900)
     out = result.stdout + result.stderr
     assert result.returncode != 0, out[-3000:]

@@ -22,7 +22,15 @@ def test_row(row: dict[str, Any], parity_runner: Any, parity_model_path: Path, p
     if parity_runner.cell.id not in row["expect"]:
         pytest.skip(f"row {row['id']!r} does not run on cell {parity_runner.cell.id!r}")
     declared = pytestconfig.getoption("parity_trainer") or pytestconfig.getini("parity_trainer")
-    result = run_row(row, parity_runner, parity_model_path, trainer_fn.trainer_logits, declared,
-                     trainer_fn.verl_per_token_logps, "verl", DEFAULTS["framework"]["version"])
+    result = run_row(
+        row,
+        parity_runner,
+        parity_model_path,
+        trainer_fn.trainer_logits,
+        declared,
+        trainer_fn.verl_per_token_logps,
+        "verl",
+        DEFAULTS["framework"]["version"],
+    )
     print(f"{row['id']} on {result.cell}: {result.verdict}; kit: {result.kit_metrics}; {result.rl_summary}")
     check_expectation(row, result)
