@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -108,9 +109,9 @@ def main() -> None:
         raise SystemExit(f"pytest wrote no junit XML (exit code {code})")
     found = outcomes(args.junit)
 
-    def observed(row: str) -> dict:
+    def observed(row: str) -> dict[str, Any]:
         path = dump / f"{row}.json"
-        data = json.loads(path.read_text()) if path.is_file() else {}
+        data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
         if "message" in data:  # the kit's text, without pytest's "assert False / where ..." introspection
             data["message"] = data["message"].split("\nassert ")[0]
         return data

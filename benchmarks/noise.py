@@ -126,7 +126,7 @@ def from_results(paths: list[Path], matrix: Path) -> list[dict[str, Any]]:
 
 
 def live(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import HealthCheck, Phase, given, settings
 
     from conformance.engines.base import EngineFailure
     from conformance.matrix import load_matrix, select_cells
@@ -152,7 +152,7 @@ def live(args: argparse.Namespace) -> list[dict[str, Any]]:
             database=None,
             derandomize=False,
             suppress_health_check=list(HealthCheck),
-            phases=["generate"],
+            phases=[Phase.generate],
         )
         @given(case=cases(vocab, len(prompts.ids)))
         def measure(case: Any) -> None:

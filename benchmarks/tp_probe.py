@@ -44,6 +44,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,7 @@ TOP_N = 5
 
 
 @contextlib.contextmanager
-def fds_to(path: Path):
+def fds_to(path: Path) -> Iterator[None]:
     """fds 1 and 2 to ``path`` (the engine's processes inherit them), then restored."""
     sys.stdout.flush()
     sys.stderr.flush()
@@ -132,11 +133,13 @@ class Engine:
 
     def generate(self, prompts: list[list[int]], params: list[Any]) -> list[Any]:
         with fds_to(self.log):
-            return self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+            outputs: list[Any] = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+            return outputs
 
     def rpc(self, fn: Any, **kwargs: Any) -> list[Any]:
         with fds_to(self.log):
-            return self.llm.collective_rpc(fn, kwargs=kwargs)
+            results: list[Any] = self.llm.collective_rpc(fn, kwargs=kwargs)
+            return results
 
     def close(self) -> None:
         import psutil
@@ -213,9 +216,10 @@ def run_requests(
 
 def hf_model(model: Path, state: dict[str, Any] | None = None) -> Any:
     import torch
-    from transformers import AutoModelForCausalLM
 
-    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    from conformance.reference import load_fp32_model
+
+    m = load_fp32_model(model).eval()
     if state is not None:
         with torch.no_grad():
             params = dict(m.named_parameters())
@@ -289,7 +293,8 @@ class Stats:
 
 
 def vs_reference(results: list[dict[str, Any]], ref: Any) -> tuple[Stats, dict[str, Stats]]:
-    total, per_set = Stats(), {}
+    total = Stats()
+    per_set: dict[str, Stats] = {}
     for r in results:
         lp = processed(reference_logits(ref, r["prompt_ids"], r["tokens"]), r["spec"])
         s = per_set.setdefault(r["set"], Stats())
@@ -352,7 +357,11 @@ def rescore_stats(
         for pos, tok in enumerate(t):
             ea = a[i][pos]
             for k, v in ea.items():
-                other = b[i][pos].get(k) if b is not None else float(lp[pos, k])
+                if b is not None:
+                    other = b[i][pos].get(k)
+                else:
+                    assert lp is not None, "no second rescore and no reference to compare with"
+                    other = float(lp[pos, k])
                 if other is None:
                     continue
                 stats.add("sampled" if k == tok else "top", v, other)

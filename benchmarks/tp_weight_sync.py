@@ -49,12 +49,14 @@ def planted_push(
         worker.reload_weights(weights_iterator=iter(sent))
         return rank, len(sent)
 
-    return engine.collective_rpc(push)
+    done: list[Any] = engine.collective_rpc(push)
+    return done
 
 
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from conformance.bundled import CPU_MATRIX
+    from conformance.engines.base import PrefixCacheReset
     from conformance.judge import token_contexts
     from conformance.matrix import load_matrix
     from conformance.session import ParitySession
@@ -83,7 +85,7 @@ def main() -> None:
     ref0, ref1 = trainer.reference(w0), trainer.reference(w1)
     probes = default_probes(prompts.ids)
     reload = UPDATE_PATHS["reload-iterator"]
-    pushes = {
+    pushes: dict[str, dict[str, Any]] = {
         "clean push (reload_weights, both ranks)": {},
         "TP rank 1 returns early": {"skip_tp_rank": 1},
         "model.layers.1.mlp.down_proj.weight left out on TP rank 1": {
@@ -128,11 +130,12 @@ def main() -> None:
         tp1_handle, tp2_handle = session.handle(matrix["fp32-processed"]), session.handle(base)
         try:
             tp1, tp2 = tp1_handle.engine, tp2_handle.engine
-            tolerance = pair_tolerance(tp1.cell, tp2.cell)
+            tolerance = pair_tolerance(tp1_handle.cell, tp2_handle.cell)
             tp1.generate(requests)
             first = tp1.generate(requests)
 
             def against_tp1(label: str) -> None:
+                assert isinstance(tp2, PrefixCacheReset), f"{tp2.description}: no prefix cache to reset"
                 tp2.reset_prefix_cache()
                 tp2.generate(requests)
                 second = tp2.generate(requests)

@@ -23,7 +23,7 @@ from typing import Any
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from conformance.bundled import CPU_MATRIX as DEFAULT_MATRIX
-    from conformance.engines.base import EngineFailure
+    from conformance.engines.base import EngineFailure, PrefixCacheReset
     from conformance.engines.vllm_common import vllm_version
     from conformance.judge import token_contexts
     from conformance.matrix import load_matrix, select_cells
@@ -71,6 +71,7 @@ def main() -> None:
             nonlocal engine
             start = time.perf_counter()
             try:
+                assert isinstance(engine, PrefixCacheReset), f"{engine.description}: no prefix cache to reset"
                 engine.reset_prefix_cache()
                 engine.generate(list(probes.requests))  # cache the probes under W0
                 push()

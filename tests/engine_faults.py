@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 MODES: dict[str, str] = {
@@ -76,8 +76,8 @@ def _install(worker: Any) -> str:
     original_truncation = truncation.forward
     original_logits = model.compute_logits
     original_sample = sampler.sample
-    original_processors = sampler.apply_logits_processors
-    original_penalties = sampler.apply_penalties
+    original_processors: Callable[[torch.Tensor, Any, bool], torch.Tensor] = sampler.apply_logits_processors
+    original_penalties: Callable[[torch.Tensor, Any, list[list[int]]], torch.Tensor] = sampler.apply_penalties
 
     def unpenalised(logits: torch.Tensor, metadata: Any) -> torch.Tensor:
         """Processed logprobs computed without the logits processors and penalties."""
@@ -189,7 +189,7 @@ def _install(worker: Any) -> str:
             output_token_ids = [
                 [t for t in row if t < vocab] + list(out) for row, out in zip(prompt.tolist(), output_token_ids)
             ]
-        return apply_all_penalties(
+        penalised: torch.Tensor = apply_all_penalties(
             logits,
             prompt,
             metadata.presence_penalties,
@@ -197,6 +197,7 @@ def _install(worker: Any) -> str:
             metadata.repetition_penalties,
             output_token_ids,
         )
+        return penalised
 
     def compute_logits(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         mode = state["mode"]
@@ -257,7 +258,8 @@ def _rpc(llm: Any, fn: Any, *args: Any) -> list[Any]:
     # The engine process may not have this repository's tests/ on sys.path: send the functions by value.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
-        return llm.collective_rpc(fn, args=args)
+        results: list[Any] = llm.collective_rpc(fn, args=args)
+        return results
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 

@@ -22,6 +22,7 @@ import torch
 from conformance import contract
 from conformance.engines.base import Request, Sample
 from conformance.matrix import Cell
+from conformance.reference import load_fp32_model
 from conformance.spec import LogprobsMode, TokenContext
 
 NAME = "reference-engine"
@@ -34,12 +35,12 @@ class ReferenceEngine:
     version = "0.0.1"
 
     def __init__(self, cell: Cell, model_path: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.cell = cell
         variant = cell.env.get("REFERENCE_ENGINE_VARIANT")
         self.order = contract.VARIANTS[variant].order if variant else contract.CONTRACT_ORDER
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        self.model = load_fp32_model(model_path).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
 
     @property
@@ -59,7 +60,8 @@ class ReferenceEngine:
 
     @torch.no_grad()
     def _logits(self, ids: Sequence[int]) -> torch.Tensor:
-        return self.model(input_ids=torch.tensor([list(ids)])).logits[0, -1].float()
+        logits: torch.Tensor = self.model(input_ids=torch.tensor([list(ids)])).logits[0, -1].float()
+        return logits
 
     def _sample(self, request: Request, generator: torch.Generator) -> Sample:
         spec, context = request.spec, self.token_context(request)

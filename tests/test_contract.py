@@ -17,7 +17,9 @@ fp32 too.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import pytest
 import torch
@@ -25,6 +27,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from conformance.contract import (
+    ProcessedDistribution,
     logprob_interval,
     mode_values,
     objective_mismatch,
@@ -35,6 +38,8 @@ from conformance.spec import SamplingSpec, TokenContext
 
 NEG_INF = float("-inf")
 EPS32 = 2.0**-23  # fp32 machine epsilon
+
+T = TypeVar("T")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -80,7 +85,7 @@ def brute_shape(
     spec: SamplingSpec,
     stop_ids: set[int],
     bad_words: list[tuple[int, ...]],
-) -> tuple[list[float], list[tuple], float]:
+) -> tuple[list[float], list[tuple[float, float, bool, int]], float]:
     """Steps 1-5 for one position; also each token's arithmetic signature and an fp32 magnitude bound."""
     vocab = len(raw)
     history = output[:position]
@@ -263,7 +268,7 @@ class Case:
         ]
 
 
-def _maybe(default, strategy):
+def _maybe(default: T, strategy: st.SearchStrategy[T]) -> st.SearchStrategy[T]:
     return st.one_of(st.just(default), strategy)
 
 
@@ -324,7 +329,7 @@ def _usable(case: Case, rows: list[BruteRow]) -> None:
         assume(not row.ambiguous)
 
 
-def _assert_matches(case: Case, rows: list[BruteRow], dist) -> None:
+def _assert_matches(case: Case, rows: list[BruteRow], dist: ProcessedDistribution) -> None:
     got = dist.logprobs
     assert got.dtype == torch.float32
     for i, row in enumerate(rows):
@@ -446,12 +451,14 @@ def test_band_zero_equals_kept(case: Case) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _dist(row: list[float], spec: SamplingSpec, output=(0,), prompt=(), **ctx):
+def _dist(
+    row: list[float], spec: SamplingSpec, output: Sequence[int] = (0,), prompt: Sequence[int] = (), **ctx: Any
+) -> ProcessedDistribution:
     raw = torch.tensor([row] * len(output), dtype=torch.float32)
     return processed_distribution(raw, list(output), spec, TokenContext(tuple(prompt), **ctx))
 
 
-def _kept(dist, position: int = 0) -> set[int]:
+def _kept(dist: ProcessedDistribution, position: int = 0) -> set[int]:
     return {int(t) for t in torch.nonzero(dist.kept[position]).flatten()}
 
 
@@ -611,7 +618,9 @@ def test_contract_matches_vllm_sampler_ops() -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _band_case(raw, spec, band, delta, prompt=()):
+def _band_case(
+    raw: list[float], spec: SamplingSpec, band: float, delta: list[float], prompt: Sequence[int] = ()
+) -> tuple[set[int], set[int], set[int], set[int]]:
     """(kept, sure, maybe) at the reference and the kept set of the reference perturbed by ``delta``."""
     assert max(abs(d) for d in delta) <= band
     ctx = TokenContext(tuple(prompt))

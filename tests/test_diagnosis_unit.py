@@ -80,7 +80,7 @@ def test_a_parameter_dependent_failure_becomes_semantic_and_gets_the_variant_fou
     assert diagnosis.minimal_spec == "SamplingSpec(top_p=0.5, min_p=0.3, max_tokens=4, seed=5)"
     lines = diagnosis.lines()
     assert lines[0].startswith("cause (ablation, ") and "fails only while min_p=0.3 and top_p=0.5" in lines[0]
-    assert diagnosis.as_record()["ablation"]["minimal"] == ["min_p", "top_p"]  # type: ignore[index]
+    assert diagnosis.as_record()["ablation"]["minimal"] == ["min_p", "top_p"]
 
 
 def test_a_failure_without_parameters_keeps_its_layer() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -15,9 +16,9 @@ import torch
 from conformance import contract
 from conformance.contract import ProcessedDistribution
 from conformance.engines.base import Sample
-from conformance.parity import ParityReport, SequenceInput, check_parity
-from conformance.spec import SamplingSpec, TokenContext
-from conformance.tolerances import DEFAULT_TOLERANCES
+from conformance.parity import ParityReport, SequenceInput, Target, check_parity
+from conformance.spec import LogprobsMode, SamplingSpec, TokenContext
+from conformance.tolerances import DEFAULT_TOLERANCES, Tolerance
 
 FP32 = DEFAULT_TOLERANCES["cpu-float32"]
 BF16 = DEFAULT_TOLERANCES["cpu-bfloat16"]
@@ -77,7 +78,11 @@ def build(
 
 
 def check(
-    inputs: list[SequenceInput], spec: SamplingSpec, target="processed_logprobs", tolerance=FP32, **kw
+    inputs: list[SequenceInput],
+    spec: SamplingSpec,
+    target: Target = "processed_logprobs",
+    tolerance: Tolerance = FP32,
+    **kw: Any,
 ) -> ParityReport:
     return check_parity(inputs, spec, target, tolerance, cell="fp32-processed", **kw)
 
@@ -114,7 +119,7 @@ def test_clean_samples_pass(spec: SamplingSpec) -> None:
 
 
 @pytest.mark.parametrize("mode", ["raw_logprobs", "raw_logits", "processed_logits"])
-def test_clean_other_modes_pass(mode: str) -> None:
+def test_clean_other_modes_pass(mode: LogprobsMode) -> None:
     spec = SamplingSpec(temperature=0.8, top_p=0.9)
     inputs = build(spec, lambda d, raw, g: contract.mode_values(d, raw, mode))
     report = check(inputs, spec, target=mode)
@@ -268,7 +273,7 @@ def test_g_explain() -> None:
     record = bad.as_record()
     assert record["layer"] == "semantic" and record["passed"] is False
     assert record["params"] == {"temperature": 0.7}
-    assert len(record["worst"]) == 5
+    assert isinstance(record["worst"], list) and len(record["worst"]) == 5
 
 
 def test_report_is_independent_of_sample_order() -> None:

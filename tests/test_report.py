@@ -9,21 +9,21 @@ import torch
 
 from conformance.contract import processed_distribution
 from conformance.engines.base import Sample
-from conformance.parity import SequenceInput, check_parity
+from conformance.parity import ParityReport, SequenceInput, check_parity
 from conformance.report.cells import cell_rows, summary_table
 from conformance.report.recorder import EngineFailureRecord, Recorder
 from conformance.spec import SamplingSpec, TokenContext
 from conformance.tolerances import DEFAULT_TOLERANCES
 
 
-def _report(cell: str, noise: float) -> object:
+def _report(cell: str, noise: float) -> ParityReport:
     gen = torch.Generator().manual_seed(0)
     raw = torch.randn(6, 32, generator=gen) * 3
     spec = SamplingSpec(temperature=0.7, max_tokens=6)
     out = [int(t) for t in torch.argmax(raw, dim=-1)]
     dist = processed_distribution(raw, out, spec, TokenContext((0, 1)))
     values = [float(dist.logprobs[i, t]) + noise for i, t in enumerate(out)]
-    sample = Sample((0, 1), out, values, [{t: v} for t, v in zip(out, values)])
+    sample = Sample((0, 1), out, list(values), [{t: v} for t, v in zip(out, values)])
     return check_parity(
         [SequenceInput(sample, raw, TokenContext((0, 1)))],
         spec,

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conformance.__main__ import main
 
 
-def _check(cell: str, passed: bool, deltas: list[float], golden: dict | None = None, vllm: str = "0.32.0") -> dict:
-    record = {
+def _check(
+    cell: str, passed: bool, deltas: list[float], golden: dict[str, Any] | None = None, vllm: str = "0.32.0"
+) -> dict[str, Any]:
+    record: dict[str, Any] = {
         "kind": "check",
         "test": f"test_x[{cell}]",
         "cell": cell,
@@ -44,7 +47,7 @@ def _check(cell: str, passed: bool, deltas: list[float], golden: dict | None = N
     return record
 
 
-def _write(path: Path, records: list[dict]) -> Path:
+def _write(path: Path, records: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from conformance.contract import mode_values, processed_distribution
 from conformance.repro import STEP_SNIPPETS, engine_arguments, render_repro, write_repro
-from conformance.spec import LOGPROBS_MODES, SamplingSpec, TokenContext
+from conformance.spec import LOGPROBS_MODES, LogprobsMode, SamplingSpec, TokenContext
 from conformance.strategies import Vocabulary, sampling_specs
 
 VOCAB = 40
@@ -33,7 +33,7 @@ def _one_torch_thread(one_torch_thread: None) -> None:
     """Tiny tensors: see tests/conftest.py."""
 
 
-def _render(spec: SamplingSpec, mode: str, context: TokenContext, prompt: tuple[int, ...], **kw: Any) -> str:
+def _render(spec: SamplingSpec, mode: LogprobsMode, context: TokenContext, prompt: tuple[int, ...], **kw: Any) -> str:
     return render_repro(
         title="unit test",
         what="",
@@ -43,7 +43,7 @@ def _render(spec: SamplingSpec, mode: str, context: TokenContext, prompt: tuple[
         mode=mode,
         bound=1e-4,
         requests=[(prompt, spec)],
-        contexts=[context],  # type: ignore[arg-type]
+        contexts=[context],
     )
 
 
@@ -60,7 +60,7 @@ def _context(spec: SamplingSpec, prompt: tuple[int, ...]) -> TokenContext:
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(spec=sampling_specs(VOCABULARY, max_tokens=6), mode=st.sampled_from(LOGPROBS_MODES), seed=st.integers(0, 2**16))
-def test_script_expected_equals_the_contract(spec: SamplingSpec, mode: str, seed: int) -> None:
+def test_script_expected_equals_the_contract(spec: SamplingSpec, mode: LogprobsMode, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     raw = torch.randn(spec.max_tokens, VOCAB, generator=gen) * 2.5
     prompt = tuple(torch.randint(0, 10, (9,), generator=gen).tolist())
@@ -69,7 +69,7 @@ def test_script_expected_equals_the_contract(spec: SamplingSpec, mode: str, seed
     namespace = _expected_fn(_render(spec, mode, context, prompt))
     got = namespace["expected"](raw, list(prompt), output, namespace["REQUESTS"][0])
     dist = processed_distribution(raw, output, spec, context)
-    want = mode_values(dist, raw, mode)  # type: ignore[arg-type]
+    want = mode_values(dist, raw, mode)
     assert torch.equal(torch.isfinite(got), torch.isfinite(want)), spec
     finite = torch.isfinite(want)
     if finite.any():  # fp32 rounding relative to the largest scaled logit (thousands at T ~ 0.01)

@@ -15,7 +15,7 @@ test_selftest_faults.py; the map of everything is docs/detection.md.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import Phase, settings
@@ -25,7 +25,7 @@ from conformance.bundled import GPU_MATRIX
 from conformance.matrix import load_matrix
 from conformance.plugin.fixture import Parity, check_cases
 from conformance.spec import SamplingSpec
-from conformance.strategies import Case, vocabulary_from_tokenizer
+from conformance.strategies import Case, Vocabulary, vocabulary_from_tokenizer
 from tests import engine_faults
 
 pytestmark = [pytest.mark.selftest, pytest.mark.usefixtures("one_torch_thread")]
@@ -34,6 +34,8 @@ BATCH = (0, 3, 8)
 ONE = settings(max_examples=1, deadline=None, database=None, phases=[Phase.explicit, Phase.generate])
 FEW = settings(max_examples=3, deadline=None, database=None, phases=[Phase.explicit, Phase.generate])
 TIERS = {"cpu": "fp32-processed", "gpu": "gpu-fp32-processed"}
+NO_VOCAB = cast(Vocabulary, None)
+"""For the sampling test, which reads no vocabulary (it draws from the prompt set and the engine's top-n)."""
 
 
 def _spec(**kwargs: Any) -> SamplingSpec:
@@ -142,9 +144,9 @@ def test_sampling_check_catches_a_sampler_drawing_elsewhere(planted: tuple[Any, 
     set_mode("samples-elsewhere")
     try:
         with pytest.raises(AssertionError) as info:
-            test_distribution.test_sampling_follows_reported_probabilities(Parity(runner, FEW, None, "selftest"))
+            test_distribution.test_sampling_follows_reported_probabilities(Parity(runner, FEW, NO_VOCAB, "selftest"))
     finally:
         set_mode("none")
     message = str(info.value)
     assert "sampling FAILED [layer: semantic]" in message and "chi-square" in message, message
-    test_distribution.test_sampling_follows_reported_probabilities(Parity(runner, FEW, None, "selftest"))
+    test_distribution.test_sampling_follows_reported_probabilities(Parity(runner, FEW, NO_VOCAB, "selftest"))

@@ -3,6 +3,7 @@ the fault it exists for, and passes on the same real engine without it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -51,7 +52,7 @@ def _expect_failure(layer: str, call: Any) -> str:
     return message
 
 
-FAMILIES = {
+FAMILIES: dict[str, tuple[faults.Fault, Callable[[Any, Any], None], str]] = {
     "prefix-cache": (
         faults.on_cache_hit(0.01),
         lambda runner, vocab: path_tests.test_prefix_cache_hit_matches_cold(_parity(runner, vocab)),
@@ -157,7 +158,7 @@ def test_top_k_family_catches_a_distribution_gap(engines: Any, make_runner: Any)
     """Sampled token fine, the rest of the reported top-20 off by 0.01: caught, not just the sampled one."""
     from conformance.suite import test_distribution
 
-    spec = test_distribution.SamplingSpec(temperature=1.0, max_tokens=8, logprobs=20, seed=11)
+    spec = SamplingSpec(temperature=1.0, max_tokens=8, logprobs=20, seed=11)
     runner = _faulty(engines, make_runner, faults.top_n_drift(0.01))
     message = _expect_failure(
         "inference-path", lambda: test_distribution.test_top_k_distribution_matches_reference(_parity(runner), spec)

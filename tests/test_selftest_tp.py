@@ -102,7 +102,8 @@ def planted_push(
         worker.reload_weights(weights_iterator=iter(sent))
         return rank, len(sent)
 
-    return engine.collective_rpc(push)
+    done: list[Any] = engine.collective_rpc(push)
+    return done
 
 
 def test_clean_push_reaches_every_rank(engine: Any, stand_in: Any) -> None:

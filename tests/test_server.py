@@ -167,7 +167,7 @@ def test_reload_then_death_then_no_orphans(bundled_model: Path, tmp_path: Path) 
         after = engine.generate([request])[0][0]
         logits = HFReference(checkpoint).raw_logits([(request.prompt_ids, after.output_ids)])[0]
         expected = logits.log_softmax(-1)[range(len(after.output_ids)), after.output_ids].tolist()
-        assert max(abs(a - b) for a, b in zip(after.sampled_values, expected)) < 1e-4  # type: ignore[operator]
+        assert max(abs(a - b) for a, b in zip(after.sampled_values, expected)) < 1e-4
         assert max(abs(a - b) for a, b in zip(after.sampled_values, before.sampled_values)) > 1e-2  # type: ignore[operator]
 
         os.killpg(pgid, signal.SIGKILL)

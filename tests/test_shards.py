@@ -59,6 +59,13 @@ def _state(seed: int, label: str) -> WeightSet:
 W0, W1 = _state(0, "W0"), _state(1, "W1")
 
 
+def _shard(shards: dict[str, torch.Tensor | None], name: str) -> torch.Tensor:
+    """``shards[name]``, a parameter the rules model (expected_shards gives None for one they do not)."""
+    t = shards[name]
+    assert t is not None, name
+    return t
+
+
 def _readback(per_rank: list[WeightSet], dtype: torch.dtype = torch.float32) -> list[dict[str, Any]]:
     """What shard_digests would return from a TP engine whose rank r holds ``per_rank[r]``."""
     out = []
@@ -78,18 +85,19 @@ def _readback(per_rank: list[WeightSet], dtype: torch.dtype = torch.float32) -> 
 def test_shard_shapes_follow_vllm_rules() -> None:
     shards = expected_shards(W1.tensors, CONFIG, 1, 2, VLLM_NAMES)
     q, k = HIDDEN // 2, CONFIG.num_key_value_heads * HEAD // 2
-    assert shards["model.layers.0.self_attn.qkv_proj.weight"].shape == (q + 2 * k, HIDDEN)
+    assert _shard(shards, "model.layers.0.self_attn.qkv_proj.weight").shape == (q + 2 * k, HIDDEN)
     assert torch.equal(
-        shards["model.layers.0.self_attn.qkv_proj.weight"][:q], W1.tensors["model.layers.0.self_attn.q_proj.weight"][q:]
+        _shard(shards, "model.layers.0.self_attn.qkv_proj.weight")[:q],
+        W1.tensors["model.layers.0.self_attn.q_proj.weight"][q:],
     )
-    assert shards["model.layers.0.mlp.gate_up_proj.weight"].shape == (INTER, HIDDEN)
+    assert _shard(shards, "model.layers.0.mlp.gate_up_proj.weight").shape == (INTER, HIDDEN)
     assert torch.equal(
-        shards["model.layers.0.mlp.down_proj.weight"],
+        _shard(shards, "model.layers.0.mlp.down_proj.weight"),
         W1.tensors["model.layers.0.mlp.down_proj.weight"][:, INTER // 2 :],
     )
-    lm = shards["lm_head.weight"]  # rows 64..127 of the padded vocabulary: 36 real rows, 28 zero padding rows
+    lm = _shard(shards, "lm_head.weight")  # rows 64..127 of the padded vocabulary: 36 real rows, 28 zero padding rows
     assert lm.shape == (64, HIDDEN) and torch.equal(lm[:36], W1.tensors["lm_head.weight"][64:]) and not lm[36:].any()
-    assert torch.equal(shards["model.norm.weight"], W1.tensors["model.norm.weight"])  # replicated
+    assert torch.equal(_shard(shards, "model.norm.weight"), W1.tensors["model.norm.weight"])  # replicated
 
 
 def test_rank_mixture_is_what_the_ranks_hold() -> None:
@@ -99,7 +107,7 @@ def test_rank_mixture_is_what_the_ranks_hold() -> None:
         got = expected_shards(mix, CONFIG, rank, 2, VLLM_NAMES)
         want = expected_shards(state.tensors, CONFIG, rank, 2, VLLM_NAMES)
         for name in VLLM_NAMES:
-            assert torch.equal(got[name], want[name]), (rank, name)
+            assert torch.equal(_shard(got, name), _shard(want, name)), (rank, name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

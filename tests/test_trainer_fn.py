@@ -3,11 +3,16 @@ breaks the protocol is a one-line error naming it; a correct one is an exact sta
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from conformance.trainer import Reference, SpecError, TrainerFnError, TrainerFnReference, load_object
+
+if TYPE_CHECKING:
+    import torch
 
 SUITE = ("-p", "conformance.plugin", "--pyargs", "conformance.suite", "-m", "parity", "-p", "no:cacheprovider")
 
@@ -44,7 +49,7 @@ def _logits(sequences: list[tuple[list[int], list[int]]]) -> list[object]:
 def test_protocol_violations_are_one_line() -> None:
     import torch
 
-    cases = [
+    cases: list[tuple[Callable[..., Any], str]] = [
         (lambda seqs: _logits(seqs)[:1], "must return a list of 2 tensors"),
         (lambda seqs: [torch.zeros(len(c) + 1, 32) for _, c in seqs], "has shape"),
         (lambda seqs: [torch.zeros(len(c), 31) for _, c in seqs], "has shape"),
@@ -61,19 +66,19 @@ def test_protocol_violations_are_one_line() -> None:
         assert "\n" not in str(info.value)
 
 
-def test_model_path_is_passed_and_vocab_read(bundled_model: Path, bundled_reference: object) -> None:
+def test_model_path_is_passed_and_vocab_read(bundled_model: Path, bundled_reference: Reference) -> None:
     """A trainer function over the same HF model equals the HF reference bit for bit, and satisfies the protocol."""
-    seen: list[Path] = []
+    seen: list[Path | None] = []
 
-    def trainer(sequences: list[tuple[list[int], list[int]]], model_path: Path | None = None) -> list[object]:
-        seen.append(model_path)  # type: ignore[arg-type]
-        return bundled_reference.raw_logits(sequences)  # type: ignore[attr-defined]
+    def trainer(sequences: list[tuple[list[int], list[int]]], model_path: Path | None = None) -> list[torch.Tensor]:
+        seen.append(model_path)
+        return bundled_reference.raw_logits(sequences)
 
     ref = TrainerFnReference(trainer, bundled_model, "t")
     assert isinstance(ref, Reference)
-    assert ref.vocab_size == bundled_reference.vocab_size  # type: ignore[attr-defined]
+    assert ref.vocab_size == bundled_reference.vocab_size
     seqs = [((1, 50, 60), (70, 80)), ((1, 9), (10, 11, 12))]
     ours = ref.raw_logits(seqs)
-    theirs = bundled_reference.raw_logits(seqs)  # type: ignore[attr-defined]
+    theirs = bundled_reference.raw_logits(seqs)
     assert seen == [bundled_model]
     assert all(bool((a == b).all()) for a, b in zip(ours, theirs))

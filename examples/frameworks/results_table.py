@@ -15,9 +15,13 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
+
+Record = dict[str, Any]
+"""One JSON record of a matrix run."""
 
 
-def _cause(record: dict) -> str:
+def _cause(record: Record) -> str:
     if record["verdict"] == "pass":
         return "pass"
     reasons = [ln.strip()[5:] for ln in record["failure"].splitlines() if ln.strip().startswith("why: ")]
@@ -27,16 +31,17 @@ def _cause(record: dict) -> str:
     return f"**{record['verdict']}**: {first}".replace("|", "\\|")
 
 
-def _kit_max(record: dict) -> float | None:
+def _kit_max(record: Record) -> float | None:
     found = re.search(r"max\|Δ\|=([0-9.e+-]+|inf)", record["kit_metrics"])
     return float(found.group(1)) if found else None
 
 
-def _own(record: dict) -> dict:
-    return record["own"] if "own" in record else record["framework"]  # early records stored it as "framework"
+def _own(record: Record) -> Record:
+    own: Record = record["own"] if "own" in record else record["framework"]  # early records stored it as "framework"
+    return own
 
 
-def _name(record: dict) -> str:
+def _name(record: Record) -> str:
     name = record["framework"] if isinstance(record["framework"], str) else record["cell"].split("-")[0]
     return f"{name} {record['framework_version']}"
 
@@ -45,8 +50,8 @@ def _g(x: float) -> str:
     return f"{x:.3g}"
 
 
-def table(records: list[dict]) -> str:
-    latest: dict[tuple[str, str], dict] = {}
+def table(records: list[Record]) -> str:
+    latest: dict[tuple[str, str], Record] = {}
     for r in records:
         latest[(r["cell"], r["row"])] = r
     lines = [
@@ -78,7 +83,7 @@ def table(records: list[dict]) -> str:
 
 def main(paths: list[str]) -> None:
     records = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line.strip()]
-    by_framework: dict[str, list[dict]] = {}
+    by_framework: dict[str, list[Record]] = {}
     for r in records:
         by_framework.setdefault(_name(r), []).append(r)
     for name, group in by_framework.items():

@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM
 
 @lru_cache(maxsize=2)
 def load_policy(model_path: str) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    return model.eval()
 
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -41,7 +41,8 @@ CAST_LM_HEAD_TO_FP32 = os.environ.get("TRL_CAST_LM_HEAD_TO_FP32", "0") == "1"
 @lru_cache(maxsize=4)
 def load_policy(model_path: str, temperature: float) -> torch.nn.Module:
     """The policy as GRPOTrainer holds it: fp32 HF model with TRL's fused LM head at ``temperature``."""
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model.eval()
     add_fused_lm_head(
         model, temperature=temperature, cast_lm_head_to_fp32=CAST_LM_HEAD_TO_FP32, outputs=("log_probs", "entropy")
     )

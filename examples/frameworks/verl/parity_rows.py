@@ -84,7 +84,7 @@ def run_row(
     try:
         report = assert_logprob_parity(
             engine, trainer_fn, requests, samples=samples, cell=runner.cell, trainer=declared, model_path=model_path
-        )  # type: ignore[arg-type]
+        )
         result.kit_metrics = report.metrics.summary()
     except AssertionError as exc:
         text = str(exc)

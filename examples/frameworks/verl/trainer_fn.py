@@ -41,7 +41,8 @@ Pairs = list[tuple[list[int], list[int]]]
 @lru_cache(maxsize=2)
 def load_policy(model_path: str) -> torch.nn.Module:
     """The actor's model (fp32 here; verl's FSDP actor keeps fp32 master weights)."""
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    return model.eval()
 
 
 @torch.no_grad()

@@ -23,9 +23,11 @@ import trl
 from trl import GRPOConfig
 from trl.trainer.utils import selective_log_softmax
 
+from conformance.bundled import BUNDLED_MODEL
+
 HERE = Path(__file__).resolve().parents[1]
 DEFAULTS = tomllib.loads((HERE / "framework_defaults.toml").read_text())
-MODEL = Path(__import__("conformance").__file__).parent / "fixtures" / "models" / "pystdlib-llama"
+MODEL = BUNDLED_MODEL
 SEQUENCES = [([5, 17, 99, 3, 250, 61], [44, 12, 8, 300, 7, 7, 1999]), ([9, 8], [1000, 5, 2047]), ([0], [3])]
 TEMPERATURES = [DEFAULTS["grpo_config"]["temperature"], 0.6, 0.7, 1.2, 0.3]
 

@@ -24,12 +24,13 @@ import yaml
 from verl.trainer.ppo.rollout_corr_helper import compute_offpolicy_metrics, compute_rollout_correction_weights
 from verl.utils.torch_functional import logprobs_from_logits
 
+from conformance.bundled import BUNDLED_MODEL
 from conformance.rl_metrics import pad, verl_is_metrics, verl_offpolicy_metrics
 
 HERE = Path(__file__).resolve().parents[1]
 DEFAULTS = tomllib.loads((HERE / "framework_defaults.toml").read_text())
 VERL_DIR = Path(verl.__file__).parent
-MODEL = Path(__import__("conformance").__file__).parent / "fixtures" / "models" / "pystdlib-llama"
+MODEL = BUNDLED_MODEL
 SEQUENCES = [([5, 17, 99, 3, 250, 61], [44, 12, 8, 300, 7, 7, 1999]), ([9, 8], [1000, 5, 2047]), ([0], [3])]
 TEMPERATURES = [DEFAULTS["rollout"]["temperature"], 0.6, 0.7, 1.2, 0.3]
 
