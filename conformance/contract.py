@@ -44,6 +44,13 @@ the other way. :func:`processed_distribution` therefore also returns the tokens 
 those that *maybe* survive under such a perturbation, and :func:`logprob_interval` the resulting range of
 legitimate processed logprobs. With ``band=0`` both sets equal the exact survivors.
 
+Probabilities fp32 cannot hold. A token whose processed logprob is below :data:`FP32_LOG_TINY` (the log of
+the smallest positive fp32, 2^-149: about -103.28) has probability exactly 0 in an fp32 sampler, so a top-n
+entry of such a token may read -inf instead of its finite logprob. vLLM does this whenever top-p runs on
+the batch: a ``top_p = 1`` row batched with a truncating one has its zero-probability tokens at ascending
+cumulative mass ``0 <= 1 - 1`` and masks them (docs/findings/vllm-topp-underflow-batch.md). A sampled token
+has positive probability by being sampled and gets no such allowance.
+
 Step-order variants. Where an implementation can plausibly read a step differently (top-p decided before
 min_p, penalties over other histories, temperature before the bias ...), :class:`StepOrder` names the
 deviation; its defaults *are* the steps above. :data:`VARIANTS` (section "step-order variants" at the end)
@@ -70,6 +77,10 @@ from conformance.spec import (
     TokenContext,
     TrainerSemantics,
 )
+
+FP32_LOG_TINY = math.log(2.0**-149)
+"""Log of the smallest positive fp32 (a subnormal, 1.4e-45): a processed logprob below it is a probability
+fp32 holds as 0, which a top-n entry may report as -inf (see "Probabilities fp32 cannot hold")."""
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,7 @@ class TokenRow:
         boundary token, which the engine may have masked."""
         if self.engine == self.low or self.engine == self.high:
             return 0.0
-        if self.ambiguous and self.engine == -math.inf:
+        if self.engine == -math.inf and (self.ambiguous or self.underflows):
             return 0.0
         if self.low <= self.engine <= self.high:
             return 0.0
@@ -82,6 +82,9 @@ class TokenRow:
 
     ambiguous: bool = False
     """The token's own membership in the surviving set is within the precision band (a boundary token)."""
+    underflows: bool = False
+    """A top-n token whose processed probability fp32 holds as 0 (logprob < ``contract.FP32_LOG_TINY``): -inf
+    is legitimate for it."""
 
 
 @dataclass
@@ -429,7 +432,10 @@ def check_parity(
                     continue
                 low, high = _range(target, dist, values, pos, t)
                 ambiguous = bool(dist.maybe[pos, t]) and not bool(dist.sure[pos, t])
-                rows.append(TokenRow(s_index, pos, t, "top", v, float(values[pos, t]), low, high, ambiguous))
+                underflows = target in _PROCESSED_TARGETS and float(dist.logprobs[pos, t]) < contract.FP32_LOG_TINY
+                rows.append(
+                    TokenRow(s_index, pos, t, "top", v, float(values[pos, t]), low, high, ambiguous, underflows)
+                )
 
     tolerance = scaled_tolerance(tolerance, spec, target)
     sampled = [r for r in rows if r.kind == "sampled"]

@@ -373,3 +373,34 @@ def test_a_token_only_the_variant_keeps_names_the_variant() -> None:
     assert "sampled token 2 is masked by the contract" in why
     assert report.variant == "top_p before min_p", report.explain()
     assert report.alternatives["processed_logprobs"] == math.inf
+
+
+# ---- probabilities fp32 cannot hold -------------------------------------------------------------------
+
+
+def _minus_inf_below(threshold: float) -> ValueFn:
+    def values(d: ProcessedDistribution, raw: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return d.logprobs.masked_fill(d.logprobs < threshold, -math.inf)
+
+    return values
+
+
+def test_top_entries_below_fp32_tiny_may_read_minus_inf() -> None:
+    """vLLM's batched top-p masks a p=1 row's zero-probability tokens: -inf for a top-n token whose
+    processed logprob is below log(2^-149) is legitimate (contract, "Probabilities fp32 cannot hold")."""
+    spec = SamplingSpec(temperature=0.01)
+    inputs = build(spec, _minus_inf_below(contract.FP32_LOG_TINY), top_n=VOCAB)
+    underflowed = sum(
+        1 for s in inputs for top in s.sample.top_values for v in top.values() if v == -math.inf
+    )
+    assert underflowed > 100  # the test exercises the allowance
+    report = check(inputs, spec)
+    assert report.passed, report.explain()
+
+
+def test_minus_inf_for_a_representable_probability_still_fails() -> None:
+    """The allowance stops at fp32's range: -inf for top-n tokens at logprob -20 ... -103 is a failure."""
+    spec = SamplingSpec(temperature=0.01)
+    report = check(build(spec, _minus_inf_below(-20.0), top_n=VOCAB), spec)
+    assert not report.passed, report.explain()
+    assert report.top_max_abs == math.inf
