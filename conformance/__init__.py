@@ -24,7 +24,30 @@ Public API for custom tests (the suite under :mod:`conformance.suite` is built f
 """
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the same names, imported eagerly for type checkers only
+    from conformance.ablation import ablate
+    from conformance.api import assert_logprob_parity
+    from conformance.contract import VARIANTS, objective_mismatch, processed_distribution
+    from conformance.diagnosis import DiagnosisSettings, diagnose
+    from conformance.engines.base import Engine, EngineFailure, Request, Sample
+    from conformance.engines.handle import EngineHandle
+    from conformance.engines.registry import engine_factory, register_engine
+    from conformance.engines.vllm_offline import VllmOfflineEngine
+    from conformance.engines.vllm_server import VllmServerEngine
+    from conformance.judge import judge_samples
+    from conformance.matrix import Cell, load_matrix
+    from conformance.metrics import ParityMetrics, compute_metrics
+    from conformance.parity import ParityReport, SequenceInput, check_parity
+    from conformance.plugin.fixture import Parity, assert_parity, check_cases
+    from conformance.reference import HFReference
+    from conformance.repro import write_repro
+    from conformance.runner import ParityRunner
+    from conformance.session import ParitySession, PromptSet
+    from conformance.spec import SamplingSpec, TokenContext
+    from conformance.tolerances import Tolerance
+    from conformance.trainer import Reference, TrainerFnReference
 
 __version__ = "0.1.0"
 

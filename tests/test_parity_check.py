@@ -390,9 +390,7 @@ def test_top_entries_below_fp32_tiny_may_read_minus_inf() -> None:
     processed logprob is below log(2^-149) is legitimate (contract, "Probabilities fp32 cannot hold")."""
     spec = SamplingSpec(temperature=0.01)
     inputs = build(spec, _minus_inf_below(contract.FP32_LOG_TINY), top_n=VOCAB)
-    underflowed = sum(
-        1 for s in inputs for top in s.sample.top_values for v in top.values() if v == -math.inf
-    )
+    underflowed = sum(1 for s in inputs for top in s.sample.top_values for v in top.values() if v == -math.inf)
     assert underflowed > 100  # the test exercises the allowance
     report = check(inputs, spec)
     assert report.passed, report.explain()
