@@ -366,6 +366,83 @@ def scaled_tolerance(tolerance: Tolerance, spec: SamplingSpec, target: Target) -
     )
 
 
+AltInput = tuple[ProcessedDistribution, torch.Tensor, TokenContext, Sequence[int], list[tuple[int, int, float]]]
+"""(dist, raw, context, output ids, [(position, token, engine value)]) of one sequence's finite sampled values:
+the other semantics are evaluated on them only if the check fails (they cost contract passes). A token the
+contract masks even within the precision band counts too (its distance under the contract is inf: the
+variant that keeps it is what explains it); a masked token the band would allow (boundary) does not."""
+
+
+def _score_sequence(
+    s_index: int, seq: SequenceInput, spec: SamplingSpec, target: Target, tolerance: Tolerance
+) -> tuple[list[TokenRow], list[str], AltInput]:
+    """One sequence's token rows (sampled and top-n, each with its legitimate range), its semantic
+    violations (missing/NaN values, sampled tokens the contract masks, a greedy token that is not the
+    argmax) and its input to the alternative semantics."""
+    rows: list[TokenRow] = []
+    violations: list[str] = []
+    sample, raw = seq.sample, seq.raw_logits
+    dist = contract.processed_distribution(raw, sample.output_ids, spec, seq.context, band=tolerance.band)
+    values = _target_values(target, dist, raw, spec)
+    finite_sampled: list[tuple[int, int, float]] = []
+    for pos, token in enumerate(sample.output_ids):
+        engine_value = sample.sampled_values[pos] if pos < len(sample.sampled_values) else None
+        if engine_value is None:
+            violations.append(f"seq {s_index} pos {pos}: no value returned for the sampled token {token}")
+            continue
+        if math.isnan(engine_value):
+            violations.append(f"seq {s_index} pos {pos}: the engine returned NaN for the sampled token {token}")
+            continue
+        if not bool(dist.maybe[pos, token]):
+            violations.append(
+                f"seq {s_index} pos {pos}: sampled token {token} is masked by the contract "
+                f"(processed logprob -inf even within the precision band)"
+            )
+        if spec.greedy:
+            row = dist.shaped[pos]
+            gap = float(row.max() - row[token])
+            if gap > 2 * tolerance.band:
+                violations.append(
+                    f"seq {s_index} pos {pos}: greedy token {token} is not the argmax of the processed "
+                    f"logits (argmax {int(row.argmax())}, logit gap {gap:.3g} > 2·band)"
+                )
+        low, high = _range(target, dist, values, pos, token)
+        ambiguous = not bool(dist.sure[pos, token])
+        expected = float(values[pos, token])
+        rows.append(TokenRow(s_index, pos, token, "sampled", engine_value, expected, low, high, ambiguous))
+        if math.isfinite(engine_value) and (math.isfinite(expected) or not bool(dist.maybe[pos, token])):
+            finite_sampled.append((pos, token, engine_value))
+        top = sample.top_values[pos] if pos < len(sample.top_values) else {}
+        for t, v in top.items():
+            if t == token:
+                continue
+            if math.isnan(v):
+                violations.append(f"seq {s_index} pos {pos}: the engine returned NaN for top token {t}")
+                continue
+            low, high = _range(target, dist, values, pos, t)
+            ambiguous = bool(dist.maybe[pos, t]) and not bool(dist.sure[pos, t])
+            underflows = target in _PROCESSED_TARGETS and float(dist.logprobs[pos, t]) < contract.FP32_LOG_TINY
+            rows.append(TokenRow(s_index, pos, t, "top", v, float(values[pos, t]), low, high, ambiguous, underflows))
+    return rows, violations, (dist, raw, seq.context, sample.output_ids, finite_sampled)
+
+
+def _numeric_reasons(rows: Sequence[TokenRow], residual: ParityMetrics, tolerance: Tolerance) -> tuple[list[str], bool]:
+    """The tolerance bounds the residuals exceed (max, mean, systematic offset) and whether the offset is one."""
+    max_excess = max((r.excess for r in rows), default=0.0)
+    numeric: list[str] = []
+    if max_excess > tolerance.max_abs:
+        numeric.append(f"max |Δ| {max_excess:.3g} > {tolerance.max_abs:g}")
+    if residual.n and residual.mean_abs > tolerance.mean_abs:
+        numeric.append(f"mean |Δ| {residual.mean_abs:.3g} > {tolerance.mean_abs:g}")
+    biased = residual.n >= MIN_BIAS_TOKENS and bias_excess(residual, tolerance.bias, noise_floor=tolerance.mean_abs) > 0
+    if biased:
+        numeric.append(
+            f"systematic offset: mean Δ {residual.mean_signed:+.3g} exceeds {tolerance.bias:g} + 4σ/√n "
+            f"({tolerance.bias + 4 * max(residual.std, tolerance.mean_abs) / math.sqrt(residual.n):.3g})"
+        )
+    return numeric, biased
+
+
 def check_parity(
     sequences: Sequence[SequenceInput],
     spec: SamplingSpec,
@@ -379,63 +456,18 @@ def check_parity(
     """Judge every returned value of ``sequences`` against ``target`` within ``tolerance``.
 
     ``target`` is the cell's logprobs mode (engine self-conformance) or a trainer semantics (the user's
-    contract). Sampled tokens feed the metrics; top-n values are checked against ``max_abs`` too.
+    contract). Sampled tokens feed the metrics; top-n values are checked against ``max_abs`` too. A failure
+    gets its layer: semantic (a violation, another semantics or variant that matches, a systematic
+    offset), objective (a declared trainer semantics no engine can match) or inference-path (the rest).
     """
     rows: list[TokenRow] = []
     violations: list[str] = []
-    # (dist, raw, context, output ids, [(position, token, engine value)]) of finite sampled values: the
-    # other semantics are evaluated on them only if the check fails (they cost contract passes). A token the
-    # contract masks even within the precision band counts too (its distance under the contract is inf: the
-    # variant that keeps it is what explains it); a masked token the band would allow (boundary) does not.
-    alt_inputs: list[
-        tuple[ProcessedDistribution, torch.Tensor, TokenContext, Sequence[int], list[tuple[int, int, float]]]
-    ] = []
+    alt_inputs: list[AltInput] = []
     for s_index, seq in enumerate(sequences):
-        sample, raw = seq.sample, seq.raw_logits
-        dist = contract.processed_distribution(raw, sample.output_ids, spec, seq.context, band=tolerance.band)
-        values = _target_values(target, dist, raw, spec)
-        finite_sampled: list[tuple[int, int, float]] = []
-        alt_inputs.append((dist, raw, seq.context, sample.output_ids, finite_sampled))
-        for pos, token in enumerate(sample.output_ids):
-            engine_value = sample.sampled_values[pos] if pos < len(sample.sampled_values) else None
-            if engine_value is None:
-                violations.append(f"seq {s_index} pos {pos}: no value returned for the sampled token {token}")
-                continue
-            if math.isnan(engine_value):
-                violations.append(f"seq {s_index} pos {pos}: the engine returned NaN for the sampled token {token}")
-                continue
-            if not bool(dist.maybe[pos, token]):
-                violations.append(
-                    f"seq {s_index} pos {pos}: sampled token {token} is masked by the contract "
-                    f"(processed logprob -inf even within the precision band)"
-                )
-            if spec.greedy:
-                row = dist.shaped[pos]
-                gap = float(row.max() - row[token])
-                if gap > 2 * tolerance.band:
-                    violations.append(
-                        f"seq {s_index} pos {pos}: greedy token {token} is not the argmax of the processed "
-                        f"logits (argmax {int(row.argmax())}, logit gap {gap:.3g} > 2·band)"
-                    )
-            low, high = _range(target, dist, values, pos, token)
-            ambiguous = not bool(dist.sure[pos, token])
-            expected = float(values[pos, token])
-            rows.append(TokenRow(s_index, pos, token, "sampled", engine_value, expected, low, high, ambiguous))
-            if math.isfinite(engine_value) and (math.isfinite(expected) or not bool(dist.maybe[pos, token])):
-                finite_sampled.append((pos, token, engine_value))
-            top = sample.top_values[pos] if pos < len(sample.top_values) else {}
-            for t, v in top.items():
-                if t == token:
-                    continue
-                if math.isnan(v):
-                    violations.append(f"seq {s_index} pos {pos}: the engine returned NaN for top token {t}")
-                    continue
-                low, high = _range(target, dist, values, pos, t)
-                ambiguous = bool(dist.maybe[pos, t]) and not bool(dist.sure[pos, t])
-                underflows = target in _PROCESSED_TARGETS and float(dist.logprobs[pos, t]) < contract.FP32_LOG_TINY
-                rows.append(
-                    TokenRow(s_index, pos, t, "top", v, float(values[pos, t]), low, high, ambiguous, underflows)
-                )
+        seq_rows, seq_violations, alt_input = _score_sequence(s_index, seq, spec, target, tolerance)
+        rows += seq_rows
+        violations += seq_violations
+        alt_inputs.append(alt_input)
 
     tolerance = scaled_tolerance(tolerance, spec, target)
     sampled = [r for r in rows if r.kind == "sampled"]
@@ -460,18 +492,7 @@ def check_parity(
     reasons = list(violations[:5])
     if len(violations) > 5:
         reasons.append(f"... and {len(violations) - 5} more such violations")
-    max_excess = max((r.excess for r in rows), default=0.0)
-    numeric: list[str] = []
-    if max_excess > tolerance.max_abs:
-        numeric.append(f"max |Δ| {max_excess:.3g} > {tolerance.max_abs:g}")
-    if residual.n and residual.mean_abs > tolerance.mean_abs:
-        numeric.append(f"mean |Δ| {residual.mean_abs:.3g} > {tolerance.mean_abs:g}")
-    biased = residual.n >= MIN_BIAS_TOKENS and bias_excess(residual, tolerance.bias, noise_floor=tolerance.mean_abs) > 0
-    if biased:
-        numeric.append(
-            f"systematic offset: mean Δ {residual.mean_signed:+.3g} exceeds {tolerance.bias:g} + 4σ/√n "
-            f"({tolerance.bias + 4 * max(residual.std, tolerance.mean_abs) / math.sqrt(residual.n):.3g})"
-        )
+    numeric, biased = _numeric_reasons(rows, residual, tolerance)
     if not reasons and not numeric:
         return report
     report.passed = False
@@ -483,27 +504,15 @@ def check_parity(
         return report
     report.reasons = reasons + numeric
     matches = _matching_alternative(report, target, tolerance)
-    if violations:
-        # a violation is semantic by itself; a matching semantics (if any) says which bug explains it
-        report.layer = "semantic"
-        if matches:
-            report.reasons.insert(0, matches)
-        return report
-    if matches:
-        report.layer = "semantic"
+    if matches:  # a violation is semantic by itself; a matching semantics (if any) says which bug explains it
         report.reasons.insert(0, matches)
-    elif biased:
-        report.layer = "semantic"
-    else:
-        report.layer = "inference-path"
+    report.layer = "semantic" if violations or matches or biased else "inference-path"
     return report
 
 
 def _alternative_distances(
     spec: SamplingSpec,
-    inputs: Sequence[
-        tuple[ProcessedDistribution, torch.Tensor, TokenContext, Sequence[int], list[tuple[int, int, float]]]
-    ],
+    inputs: Sequence[AltInput],
     target: Target = "processed_logprobs",
 ) -> dict[str, float]:
     """Max |Δ| of the finite sampled values under each alternative semantics and each step-order variant
