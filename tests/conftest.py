@@ -92,3 +92,15 @@ def make_runner(engines: Any, kit_session: Any) -> Any:
         return cast(ParityRunner, runner)
 
     return make
+
+
+SELFTEST_ENGINE_GROUP = "selftest-engines"
+"""The pytest-xdist group of every self-test that uses the session's shared engines (``engines``): one
+worker holds them, so ``pytest -n 2 --dist loadgroup`` starts each of them once."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups into the node ids
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "engines" in getattr(item, "fixturenames", ()) and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(SELFTEST_ENGINE_GROUP))

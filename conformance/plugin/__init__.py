@@ -15,6 +15,7 @@ Fixtures: ``parity`` (the per-test object, :class:`~conformance.plugin.fixture.P
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -102,17 +103,26 @@ def family_of(node: pytest.Item | pytest.Function | Any) -> str | None:
     return str(name)
 
 
+def engine_groups(cells: list[Cell]) -> dict[str, str]:
+    """Cell id -> its pytest-xdist group: the id of the first cell (in matrix order) with the same engine
+    configuration (:meth:`~conformance.matrix.Cell.engine_key`), so cells that share an engine share a worker."""
+    first: dict[str, str] = {}
+    return {cell.id: first.setdefault(cell.engine_key(), cell.id) for cell in cells}
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     family = family_of(metafunc.definition)
     if "cell" not in metafunc.fixturenames:
         return
     parity = metafunc.config.stash[CONFIG_KEY]
     params = []
+    groups = engine_groups(parity.selected_cells())
     for cell in parity.selected_cells():
         if cell.runs(family):
-            # xdist_group: with --dist loadgroup a cell's tests run in one worker (its engine starts once);
-            # set at parametrization, before pytest-xdist reads the groups in its own collection hook.
-            marks = [pytest.mark.xdist_group(cell.id), *([pytest.mark.gpu] if cell.tier == "gpu" else [])]
+            # xdist_group: with --dist loadgroup the tests of every cell that shares one engine run in one
+            # worker (the engine starts once); set at parametrization, before pytest-xdist reads the groups
+            # in its own collection hook.
+            marks = [pytest.mark.xdist_group(groups[cell.id]), *([pytest.mark.gpu] if cell.tier == "gpu" else [])]
             params.append(pytest.param(cell, id=cell.id, marks=marks))
     if not params:
         params = [
@@ -127,11 +137,33 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         )
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's worker hook has (or has not) tagged the node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         family_of(item)
     if any("cell" in getattr(item, "fixturenames", ()) for item in items):
         check_models(config.stash[CONFIG_KEY])
+    ignored = loadgroup_ignored(config, items)
+    if ignored is not None:
+        warnings.warn(pytest.PytestWarning(ignored), stacklevel=1)
+
+
+LOADGROUP_IGNORED = (
+    "pytest-xdist --dist loadgroup is ignoring xdist_group here (pytest {version} no longer lets pytest-xdist "
+    "tag node ids: pytest-dev/pytest-xdist#1386), so a cell's tests are spread over the workers and each worker "
+    "starts its own engines for the same cells; use pytest<9.2 (the kit's dev extra pins it) or -n 0"
+)
+
+
+def loadgroup_ignored(config: pytest.Config, items: list[pytest.Item]) -> str | None:
+    """The warning text when this pytest-xdist worker runs ``--dist loadgroup`` but its grouped tests' node
+    ids carry no ``@group`` tag (the scheduler then spreads a cell's tests over workers); None otherwise."""
+    if not getattr(config.option, "loadgroup", False) or not hasattr(config, "workerinput"):
+        return None
+    grouped = [item for item in items if item.get_closest_marker("xdist_group") is not None]
+    if grouped and not any("@" in item.nodeid.rsplit("]", 1)[-1] for item in grouped):
+        return LOADGROUP_IGNORED.format(version=pytest.__version__)
+    return None
 
 
 # -- fixtures -----------------------------------------------------------------------------------------
@@ -158,7 +190,10 @@ def parity_session(pytestconfig: pytest.Config, parity_config: ParityConfig) -> 
     recorder = pytestconfig.stash[RECORDER_KEY]
     cache_dir = parity_config.cache_dir
     if cache_dir is None:
-        cache_dir = Path(pytestconfig.cache.mkdir("parity-models"))
+        cache = getattr(pytestconfig, "cache", None)  # None under -p no:cacheprovider
+        cache_dir = (
+            Path(cache.mkdir("parity-models")) if cache is not None else Path.home() / ".cache" / "logprob-parity"
+        )
     session = ParitySession(
         model=parity_config.model,
         prompts=parity_config.prompts,
