@@ -17,7 +17,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from conformance.engines.base import EngineFailure, Request, Sample
 from conformance.engines.vllm_common import cell_env, log_size, read_since, read_tail, root_cause, summary, vllm_version
@@ -78,6 +78,53 @@ def _kill(pids: Sequence[int]) -> None:
     psutil.wait_procs(procs, timeout=10)
 
 
+class ChildProcesses:
+    """The processes one engine adds to this process's tree, to kill what it leaves behind on close.
+
+    Made just before the engine starts (a snapshot of the children already there) and :meth:`claim` ed
+    once it has started. :meth:`cleanup` kills this process's children that are new since the snapshot
+    *except* those claimed by another live engine and their descendants: with two engines alive (the pool),
+    closing the older one must not kill the younger one's engine core and workers, which are also "new
+    since the older one's snapshot" (it did, silently: the younger engine died at its next request with
+    ``EngineDeadError`` and nothing in its log).
+    """
+
+    _claimed: ClassVar[dict[int, set[int]]] = {}
+    """id(ChildProcesses) -> the child pids that instance's engine start created (live engines only)."""
+
+    def __init__(self) -> None:
+        self.before = set(_child_pids())
+
+    def claim(self) -> None:
+        """Record the children the start created (call once the engine runs)."""
+        self._claimed[id(self)] = set(_child_pids()) - self.before - self._others()
+
+    def _others(self) -> set[int]:
+        return {pid for key, pids in self._claimed.items() if key != id(self) for pid in pids}
+
+    def leftover(self) -> list[int]:
+        """This engine's processes still alive: new since the snapshot and not another live engine's."""
+        import psutil
+
+        others = self._others()
+        out = []
+        for proc in psutil.Process().children(recursive=True):
+            if proc.pid in self.before or proc.pid in others:
+                continue
+            with contextlib.suppress(psutil.Error):
+                if any(parent.pid in others for parent in proc.parents()):
+                    continue
+                out.append(proc.pid)
+        return out
+
+    def cleanup(self) -> None:
+        """Kill :meth:`leftover` and forget the claim."""
+        leftover = self.leftover()
+        if leftover:
+            _kill(leftover)
+        self._claimed.pop(id(self), None)
+
+
 SHUTDOWN_TIMEOUT_S = 1.0
 """How long ``close()`` lets the engine core exit on SIGTERM before it is killed (vLLM's default is 5 s,
 which an engine whose state the kit throws away anyway does not need)."""
@@ -92,7 +139,7 @@ class VllmOfflineEngine:
         self.log_path = Path(tempfile.mkstemp(prefix=f"vllm-{cell.id}-", suffix=".log", dir=log_dir)[1])
         self.dead = False
         self._llm: Any = None
-        self._pids_before = set(_child_pids())
+        self._children = ChildProcesses()
         # The cell's environment stays set for the engine's whole life: vLLM reads some variables lazily
         # in this process too (VLLM_ALLOW_INSECURE_SERIALIZATION decides how utility results decode; an
         # engine started with it and read without it hangs on the first collective_rpc/reset call).
@@ -125,7 +172,7 @@ class VllmOfflineEngine:
             thread.start()
             thread.join(self.cell.start_timeout_s)
             if thread.is_alive():
-                _kill([p for p in _child_pids() if p not in self._pids_before])
+                self._children.cleanup()
                 thread.join(30)
                 raise EngineFailure(
                     f"cell {self.cell.id}: engine start exceeded {self.cell.start_timeout_s:.0f} s",
@@ -145,15 +192,14 @@ class VllmOfflineEngine:
                 read_since(self.log_path, 0),
             )
         self._llm = result["llm"]
+        self._children.claim()
 
     def log_tail(self, lines: int = 25) -> str:
         return read_tail(self.log_path, lines)
 
     def _cleanup_processes(self) -> None:
         gc.collect()
-        leftover = [p for p in _child_pids() if p not in self._pids_before]
-        if leftover:
-            _kill(leftover)
+        self._children.cleanup()
 
     def close(self) -> None:
         llm, self._llm = self._llm, None

@@ -1,0 +1,61 @@
+"""Closing one engine kills only its own processes (conformance.engines.vllm_offline.ChildProcesses).
+
+With two engines alive (the session's pool keeps two), the older one's close used to kill every child
+process started since *its* start, the younger engine's core and workers included; the younger engine then
+died at its next request with nothing in its log (CI: the fp32-processed vs nocache pair and the TP=2 cell).
+Here child processes stand in for the engines' processes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conformance.engines.vllm_offline import ChildProcesses
+
+
+def _engine_like() -> subprocess.Popen[bytes]:
+    """A child that itself starts a grandchild (an engine core and its worker)."""
+    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def _wait_for_grandchild(proc: subprocess.Popen[bytes]) -> None:
+    import psutil
+
+    for _ in range(100):
+        if psutil.Process(proc.pid).children():
+            return
+        psutil.wait_procs([], timeout=0.05)
+    raise AssertionError("the grandchild did not start")
+
+
+def test_closing_the_older_engine_leaves_the_younger_running() -> None:
+    older = ChildProcesses()
+    a = _engine_like()
+    _wait_for_grandchild(a)
+    older.claim()
+    younger = ChildProcesses()
+    b = _engine_like()
+    _wait_for_grandchild(b)
+    younger.claim()
+    try:
+        older.cleanup()
+        assert a.wait(timeout=10) is not None
+        assert b.poll() is None, "closing the older engine killed the younger one"
+        younger.cleanup()
+        assert b.wait(timeout=10) is not None
+    finally:
+        for proc in (a, b):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_a_failed_start_cleans_up_everything_new() -> None:
+    """Before ``claim`` (a start that failed or timed out), everything new since the snapshot goes."""
+    children = ChildProcesses()
+    a = _engine_like()
+    _wait_for_grandchild(a)
+    children.cleanup()
+    assert a.wait(timeout=10) is not None
