@@ -26,6 +26,15 @@ LOGPROBS_MODES: tuple[LogprobsMode, ...] = ("raw_logprobs", "raw_logits", "proce
 TrainerSemantics = Literal["processed", "temperature-only", "raw"]
 TRAINER_SEMANTICS: tuple[TrainerSemantics, ...] = ("processed", "temperature-only", "raw")
 
+
+def trainer_semantics(name: str) -> TrainerSemantics:
+    """``name`` as a trainer semantics (one of :data:`TRAINER_SEMANTICS`); ``ValueError`` naming them otherwise."""
+    for semantics in TRAINER_SEMANTICS:
+        if semantics == name:
+            return semantics
+    raise ValueError(f"trainer semantics {name!r}: expected one of {', '.join(TRAINER_SEMANTICS)}")
+
+
 MIN_TEMPERATURE = 1e-2
 """Temperatures in (0, MIN_TEMPERATURE) are clamped up to it (vLLM ``_MAX_TEMP``); only T == 0 is greedy."""
 

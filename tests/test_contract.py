@@ -659,3 +659,11 @@ def test_maybe_covers_repetition_penalty_scaling() -> None:
     kept, _sure, maybe, moved = _band_case([-1.0, -1.0015, -5.0], spec, 1e-3, [-1e-3, 1e-3, 0.0], prompt=(0, 1))
     assert kept == {0} and moved == {1}
     assert moved <= maybe
+
+
+def test_trainer_semantics_names() -> None:
+    from conformance.spec import TRAINER_SEMANTICS, trainer_semantics
+
+    assert [trainer_semantics(name) for name in TRAINER_SEMANTICS] == list(TRAINER_SEMANTICS)
+    with pytest.raises(ValueError, match="expected one of processed, temperature-only, raw"):
+        trainer_semantics("temperature")

@@ -24,7 +24,7 @@ import numpy as np
 from conformance import Request, SamplingSpec, assert_logprob_parity
 from conformance.metrics import compute_metrics
 from conformance.rl_metrics import rl_framework_metrics
-from conformance.spec import TRAINER_SEMANTICS, TrainerSemantics
+from conformance.spec import trainer_semantics
 
 HERE = Path(__file__).resolve().parent
 DEFAULTS = tomllib.loads((HERE / "framework_defaults.toml").read_text())
@@ -34,14 +34,6 @@ PROMPTS = (0, 1, 2, 3)
 MAX_TOKENS = 12
 
 FrameworkLogps = Callable[[list[tuple[list[int], list[int]]], Path, float], Sequence[Any]]
-
-
-def _semantics(declared: str) -> TrainerSemantics:
-    """A matrix row's declared trainer semantics, checked against the contract's names."""
-    for name in TRAINER_SEMANTICS:
-        if name == declared:
-            return name
-    raise ValueError(f"declared trainer semantics {declared!r}: expected one of {', '.join(TRAINER_SEMANTICS)}")
 
 
 def row_spec(row: dict[str, Any], seed: int = 0) -> SamplingSpec:
@@ -97,7 +89,7 @@ def run_row(
             requests,
             samples=samples,
             cell=runner.cell,
-            trainer=_semantics(declared),
+            trainer=trainer_semantics(declared),
             model_path=model_path,
         )
         result.kit_metrics = report.metrics.summary()
