@@ -59,3 +59,23 @@ def test_a_failed_start_cleans_up_everything_new() -> None:
     _wait_for_grandchild(a)
     children.cleanup()
     assert a.wait(timeout=10) is not None
+
+
+def test_closing_an_engine_spares_processes_it_did_not_start() -> None:
+    """A process tree started after this engine by something that claims nothing (the server adapter's
+    ``vllm serve``) survives this engine's close."""
+    engine = ChildProcesses()
+    a = _engine_like()
+    _wait_for_grandchild(a)
+    engine.claim()
+    server = _engine_like()
+    _wait_for_grandchild(server)
+    try:
+        engine.cleanup()
+        assert a.wait(timeout=10) is not None
+        assert server.poll() is None, "closing the engine killed a process tree it did not start"
+    finally:
+        for proc in (a, server):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -82,11 +82,12 @@ class ChildProcesses:
     """The processes one engine adds to this process's tree, to kill what it leaves behind on close.
 
     Made just before the engine starts (a snapshot of the children already there) and :meth:`claim` ed
-    once it has started. :meth:`cleanup` kills this process's children that are new since the snapshot
-    *except* those claimed by another live engine and their descendants: with two engines alive (the pool),
-    closing the older one must not kill the younger one's engine core and workers, which are also "new
-    since the older one's snapshot" (it did, silently: the younger engine died at its next request with
-    ``EngineDeadError`` and nothing in its log).
+    once it has started: the children its start created. :meth:`cleanup` then kills only those and their
+    descendants. Before a claim (a start that failed or timed out; starts are sequential) it kills every
+    child that is new since the snapshot, except other engines' claimed processes. Killing "everything new
+    since my start" on close, as before, killed the engines started after this one (another pooled
+    offline engine, a ``vllm serve`` process tree), which then died at their next request with
+    ``EngineDeadError`` and nothing in their log.
     """
 
     _claimed: ClassVar[dict[int, set[int]]] = {}
@@ -103,18 +104,20 @@ class ChildProcesses:
         return {pid for key, pids in self._claimed.items() if key != id(self) for pid in pids}
 
     def leftover(self) -> list[int]:
-        """This engine's processes still alive: new since the snapshot and not another live engine's."""
+        """This engine's processes still alive (see the class docstring for which those are)."""
         import psutil
 
+        mine = self._claimed.get(id(self))
         others = self._others()
         out = []
         for proc in psutil.Process().children(recursive=True):
-            if proc.pid in self.before or proc.pid in others:
-                continue
             with contextlib.suppress(psutil.Error):
-                if any(parent.pid in others for parent in proc.parents()):
-                    continue
-                out.append(proc.pid)
+                lineage = {proc.pid} | {parent.pid for parent in proc.parents()}
+                if mine is not None:
+                    if lineage & mine:
+                        out.append(proc.pid)
+                elif proc.pid not in self.before and not lineage & others:
+                    out.append(proc.pid)
         return out
 
     def cleanup(self) -> None:
