@@ -117,14 +117,17 @@ def pair_tolerance(base: Cell, other: Cell) -> float:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "pair" not in metafunc.fixturenames:
         return
-    from conformance.plugin import CONFIG_KEY
+    from conformance.plugin import CONFIG_KEY, engine_groups
 
     selected = metafunc.config.stash[CONFIG_KEY].selected_cells()
     seen = {c.id for c in selected}
     cells = selected + [c for c in load_matrix(GPU_MATRIX) if c.id not in seen]
     pairs = switch_pairs(cells)
-    # xdist_group: the pair runs in the worker that owns its second cell, whose engine it then reuses.
-    params = [pytest.param(p, id=f"{p[0].id}-vs-{p[1].id}", marks=pytest.mark.xdist_group(p[1].id)) for p in pairs]
+    # xdist_group: the pair runs in the worker that owns its second cell's engine, which it then reuses.
+    groups = engine_groups(cells)
+    params = [
+        pytest.param(p, id=f"{p[0].id}-vs-{p[1].id}", marks=pytest.mark.xdist_group(groups[p[1].id])) for p in pairs
+    ]
     if not params:
         params = [
             pytest.param(

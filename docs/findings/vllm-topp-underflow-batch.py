@@ -54,7 +54,7 @@ def main() -> None:
         outputs = llm.generate([prompt] * len(batch), batch, use_tqdm=False)
         top = {k: v.logprob for k, v in outputs[-1].outputs[0].logprobs[0].items()}
         masked = [t for t, v in top.items() if v == float("-inf")]
-        masked_any |= bool(masked) and "truncating" not in name and name != "alone"
+        masked_any |= bool(masked) and any(params.top_p < 1 for params in batch[:-1])
         print(f"{name:28s} probe's top-3 processed logprobs: {top}", flush=True)
     print(
         f"RESULT tp={tp} zero-probability tokens of the top_p=1 request read -inf when batched with top-p: "
