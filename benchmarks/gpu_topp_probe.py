@@ -6,12 +6,20 @@ keep two tokens. This script compares ``apply_top_k_top_p_triton`` with ``apply_
 on logits with many -inf entries (what allowed_token_ids and min_p leave) and prints a table.
 
     python benchmarks/gpu_topp_probe.py [--json OUT]
+    python benchmarks/gpu_topp_probe.py --sharp [--json OUT]   # temperature-scaled rows: tokens kept extra
+
+``--sharp`` scales the logits by 1/T (T down to 0.005, as the suite draws) over rows with few finite tokens
+and small top_p, and splits the tokens the Triton kernel keeps but the PyTorch path drops by their
+probability: ``keeps_zero_prob`` (probability 0 in fp32: no mass, either reading is legitimate) and
+``keeps_real_prob`` (a token with probability that top-p must drop: a divergence), with the largest such
+probability.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 import torch
 
@@ -22,7 +30,11 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default=None)
+    parser.add_argument("--sharp", action="store_true")
     args = parser.parse_args()
+    if args.sharp:
+        _report(_sharp_rows(apply_top_k_top_p_pytorch, apply_top_k_top_p_triton), args.json)
+        return
     torch.manual_seed(0)
     vocab, batch = 2048, 256
     rows = []
@@ -57,13 +69,58 @@ def main() -> None:
                             "triton_keeps_dropped": int((~ref & tri).sum()),
                         }
                     )
+    _report(rows, args.json)
+
+
+def _sharp_rows(pytorch_fn: Any, triton_fn: Any) -> list[dict[str, Any]]:
+    torch.manual_seed(0)
+    vocab, batch = 2048, 64
+    rows: list[dict[str, Any]] = []
+    for temperature in (1.0, 0.3, 0.05, 0.005):
+        for finite in (vocab, 64, 17, 4):
+            for min_p in (0.0, 0.3):
+                for top_p in (0.1, 0.25, 0.5, 0.9):
+                    logits = torch.randn(batch, vocab, device="cuda") * 2.5
+                    if finite < vocab:
+                        keep = torch.rand(batch, vocab, device="cuda").argsort(dim=-1)[:, :finite]
+                        mask = torch.ones_like(logits, dtype=torch.bool).scatter_(1, keep, False)
+                        logits = logits.masked_fill(mask, float("-inf"))
+                    logits = logits / temperature
+                    if min_p > 0:
+                        probs = logits.softmax(-1)
+                        logits = logits.masked_fill(probs < probs.amax(-1, keepdim=True) * min_p, float("-inf"))
+                    p = torch.full((batch,), top_p, device="cuda")
+                    ref = torch.isfinite(pytorch_fn(logits.clone(), None, p))
+                    tri = torch.isfinite(triton_fn(logits.clone(), None, p))
+                    probs = logits.softmax(-1)
+                    extra = ~ref & tri
+                    real = extra & (probs > 0)
+                    rows.append(
+                        {
+                            "T": temperature,
+                            "finite": finite,
+                            "min_p": min_p,
+                            "top_p": top_p,
+                            "rows": batch,
+                            "rows_differ": int((ref != tri).any(dim=-1).sum()),
+                            "drops_kept": int((ref & ~tri).sum()),
+                            "keeps_zero_prob": int((extra & (probs == 0)).sum()),
+                            "keeps_real_prob": int(real.sum()),
+                            "rows_keeping_real": int(real.any(dim=-1).sum()),
+                            "max_prob_kept_extra": float(probs[real].max()) if bool(real.any()) else 0.0,
+                        }
+                    )
+    return rows
+
+
+def _report(rows: list[dict[str, Any]], path: str | None) -> None:
     cols = list(rows[0])
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
-    if args.json:
-        with open(args.json, "w") as fh:
+    if path:
+        with open(path, "w") as fh:
             json.dump(rows, fh, indent=1)
 
 

@@ -48,8 +48,12 @@ Probabilities fp32 cannot hold. A token whose processed logprob is below :data:`
 the smallest positive fp32, 2^-149: about -103.28) has probability exactly 0 in an fp32 sampler, so a top-n
 entry of such a token may read -inf instead of its finite logprob. vLLM does this whenever top-p runs on
 the batch: a ``top_p = 1`` row batched with a truncating one has its zero-probability tokens at ascending
-cumulative mass ``0 <= 1 - 1`` and masks them (docs/findings/vllm-topp-underflow-batch.md). A sampled token
-has positive probability by being sampled and gets no such allowance.
+cumulative mass ``0 <= 1 - 1`` and masks them (docs/findings/vllm-topp-underflow-batch.md). The other way
+round, a truncation (top-k, top-p, min_p) cannot be held to its decision about a token of zero fp32
+probability either: top-p needs no mass from it and fp32 cannot say where it sorts, so an engine may keep
+it (vLLM 0.26's Triton top-p kernel on CUDA does); kept, its top-n entry must carry the value it has among
+the survivors (:func:`zero_probability_kept_interval`, below ``FP32_LOG_TINY``). A sampled token has positive
+probability by being sampled and gets no such allowance.
 
 Step-order variants. Where an implementation can plausibly read a step differently (top-p decided before
 min_p, penalties over other histories, temperature before the bias ...), :class:`StepOrder` names the
@@ -427,6 +431,25 @@ def logprob_interval(dist: ProcessedDistribution, position: int, token: int) -> 
     log_s_sure = float(torch.logsumexp(row[sure], dim=-1))
     log_s_maybe = float(torch.logsumexp(row[dist.maybe[position]], dim=-1))
     return (own - log_s_maybe, own - log_s_sure)
+
+
+def zero_probability_kept_interval(dist: ProcessedDistribution, position: int, token: int) -> tuple[float, float] | None:
+    """The range of processed logprobs ``token`` has at ``position`` if an engine keeps it although the
+    truncation drops it ("Probabilities fp32 cannot hold"): its logprob among the survivors plus itself,
+    from ``maybe`` (smallest) to ``sure`` (largest). None unless that whole range is below
+    :data:`FP32_LOG_TINY` (a token with probability fp32 can hold must follow the truncation) and the token is
+    not hard-masked (steps 1-3: ``allowed_token_ids``, bad words, min_tokens leave it at -inf)."""
+    row = torch.log_softmax(dist.scaled[position], dim=-1)
+    own = float(row[token])
+    if not math.isfinite(own):
+        return None
+    sure = dist.sure[position].clone()
+    sure[token] = True
+    maybe = dist.maybe[position].clone()
+    maybe[token] = True
+    low = own - float(torch.logsumexp(row[maybe], dim=-1))
+    high = own - float(torch.logsumexp(row[sure], dim=-1))
+    return (low, high) if high < FP32_LOG_TINY else None
 
 
 def mode_values(dist: ProcessedDistribution, raw_logits: torch.Tensor, mode: LogprobsMode) -> torch.Tensor:

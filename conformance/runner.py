@@ -97,7 +97,12 @@ class ParityRunner:
         engine = self.engine  # started (and timed as a start) before generation is timed
         started = time.perf_counter()
         try:
-            return engine.generate(requests)
+            samples = engine.generate(requests)
+            rows = sum(len(group) for group in samples)
+            for group in samples:
+                for sample in group:
+                    sample.batch_rows = rows
+            return samples
         finally:
             self.seconds["generate"] += time.perf_counter() - started
 
@@ -131,7 +136,8 @@ class ParityRunner:
             raise ValueError(f"cell {self.cell.id}: the engine returned no samples to judge")
         if not report.passed:
             name, version = self.handle.identity()
-            rows = sum(len(group) for group in samples)
+            # the engine call's rows (a check's cases are generated together with the other cases of its batch)
+            rows = max([sum(len(group) for group in samples)] + [s.batch_rows or 0 for g in samples for s in g])
             finding = covering_finding(name, version, report.spec, self.cell.tier, rows, self.findings)
             report.known = finding.explanation if finding is not None else None
         if record:

@@ -34,6 +34,46 @@ def test_divergence_covers_exactly_its_condition() -> None:
     assert match_finding("vllm", "0.26.0", "anything", [TOPP]) is None  # a divergence never matches crash text
 
 
+def test_a_check_is_covered_by_the_rows_of_its_engine_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A property generates its cases' requests in one engine call: a check of 2 sequences in a call of 16
+    ran in engine steps of up to 16 rows, which a ``rows >= 8`` finding covers (the GPU run of session 5
+    failed 37 such checks of the Triton top-p finding because each was counted as its own 2 rows)."""
+    import conformance.runner as runner_module
+    from conformance.engines.base import Request, Sample
+    from conformance.runner import ParityRunner
+
+    finding = KnownFinding(
+        id="steps", engine="vllm", versions=">=0.26,<0.27", summary="s", kind="divergence", when="rows >= 8"
+    )
+    spec = SamplingSpec(top_p=0.7, min_p=0.4)
+    requests = [Request((1, 2), spec) for _ in range(8)]
+
+    class Engine:
+        name, version, description = "vllm", "0.26.0", "stub"
+
+        def generate(self, batch: list[Request]) -> list[list[Sample]]:
+            return [[Sample(r.prompt_ids, [3], [0.0], [{3: 0.0}]) for _ in range(2)] for r in batch]
+
+    class Handle:
+        engine, start_seconds, cell = Engine(), 0.0, None
+
+        def identity(self) -> tuple[str, str]:
+            return "vllm", "0.26.0"
+
+    class Failed:
+        passed, known, spec = False, None, SamplingSpec(top_p=0.7, min_p=0.4)
+
+    monkeypatch.setattr(runner_module, "judge_samples", lambda *a, **k: Failed())
+    monkeypatch.setattr(runner_module, "token_contexts", lambda *a, **k: None)
+    cell = type("Cell", (), {"id": "c", "tier": "gpu", "tolerance": None, "logprobs_mode": "processed_logprobs"})()
+    runner = ParityRunner(Handle(), object(), None, cell=cell, findings=[finding])  # type: ignore[arg-type]
+    samples = runner.generate(requests)  # 16 sequences in one call
+    assert {s.batch_rows for group in samples for s in group} == {16}
+    assert runner.judge(requests[:1], samples[:1], record=False).known  # this check: 2 of the call's 16 rows
+    alone = [[Sample(s.prompt_ids, s.output_ids, s.sampled_values, s.top_values) for s in samples[0]]]
+    assert not runner.judge(requests[:1], alone, record=False).known  # 2 rows in a call of its own
+
+
 @pytest.mark.parametrize(
     ("entry", "needle"),
     [

@@ -402,3 +402,63 @@ def test_minus_inf_for_a_representable_probability_still_fails() -> None:
     report = check(build(spec, _minus_inf_below(-20.0), top_n=VOCAB), spec)
     assert not report.passed, report.explain()
     assert report.top_max_abs == math.inf
+
+
+def _truncation_keeps(below: float, offset: float = 0.0) -> ValueFn:
+    """The engine keeps every token the truncation drops whose untruncated logprob is below ``below``, with
+    its value among the survivors (plus ``offset``): vLLM 0.26's Triton top-p on CUDA keeps such tokens."""
+
+    def values(d: ProcessedDistribution, raw: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        out = d.logprobs.clone()
+        untruncated = torch.log_softmax(d.scaled, dim=-1)
+        for pos in range(out.shape[0]):
+            kept = d.kept[pos]
+            for t in range(out.shape[1]):
+                if not kept[t] and untruncated[pos, t] < below:
+                    with_t = kept.clone()
+                    with_t[t] = True
+                    out[pos, t] = untruncated[pos, t] - torch.logsumexp(untruncated[pos, with_t], dim=-1) + offset
+        return out
+
+    return values
+
+
+def test_truncation_may_keep_a_token_of_zero_fp32_probability() -> None:
+    """Top-p needs no mass from a token whose probability fp32 holds as 0, so an engine may keep it: a finite
+    top-n value below log(2^-149) where the contract's top-p drops the token passes, if it is the token's
+    value among the survivors (contract, "Probabilities fp32 cannot hold")."""
+    spec = SamplingSpec(temperature=0.01, top_p=0.5)
+    inputs = build(spec, _truncation_keeps(contract.FP32_LOG_TINY), top_n=VOCAB)
+    kept = sum(
+        1 for s in inputs for top in s.sample.top_values for v in top.values() if contract.FP32_LOG_TINY > v > -math.inf
+    )
+    assert kept > 100  # the test exercises the allowance
+    report = check(inputs, spec)
+    assert report.passed, report.explain()
+
+
+def test_truncation_keeping_a_token_fp32_can_hold_fails() -> None:
+    """Kept tokens with probability fp32 can hold (logprob above -103) are a truncation failure, and a kept
+    zero-probability token with the wrong value is too."""
+    spec = SamplingSpec(temperature=0.3, top_p=0.5)
+    report = check(build(spec, _truncation_keeps(0.0), top_n=VOCAB), spec)
+    assert not report.passed and report.top_max_abs == math.inf, report.explain()
+    cold = SamplingSpec(temperature=0.01, top_p=0.5)
+    wrong = check(build(cold, _truncation_keeps(contract.FP32_LOG_TINY, offset=50.0), top_n=VOCAB), cold)
+    assert not wrong.passed and 49 < wrong.top_max_abs < math.inf, wrong.explain()
+
+
+def test_mean_bound_needs_enough_tokens() -> None:
+    """The mean-|Δ| bound judges an average: one token between the mean and the max bound passes (the max
+    bound judges it), the same error on every token of a longer check fails (GPU fp32, session 5: one-token
+    checks at |Δ| 0.0033 read as 'mean |Δ| > 0.003')."""
+    spec = SamplingSpec(temperature=1.0)
+    offset = (FP32.mean_abs + FP32.max_abs) / 2
+
+    def shifted(d: ProcessedDistribution, raw: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return d.logprobs - offset
+
+    one = check(build(spec, shifted, sequences=1, positions=1), spec)
+    assert one.passed, one.explain()
+    many = check(build(spec, shifted, sequences=2, positions=8), spec)
+    assert not many.passed and any("mean |Δ|" in r for r in many.reasons), many.explain()

@@ -53,6 +53,9 @@ class Sample:
     """Per prompt position, token id -> value (the prompt token and the top-k); None at position 0."""
     cached_tokens: int | None = None
     """Prompt tokens served from the prefix cache, when the engine reports it."""
+    batch_rows: int | None = None
+    """Sequences generated in the same engine call as this one (an upper bound on the rows of the engine
+    steps that sampled it; known findings that depend on the step's batch size read it). Set by the runner."""
 
 
 class EngineFailure(RuntimeError):
