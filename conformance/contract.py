@@ -433,7 +433,9 @@ def logprob_interval(dist: ProcessedDistribution, position: int, token: int) -> 
     return (own - log_s_maybe, own - log_s_sure)
 
 
-def zero_probability_kept_interval(dist: ProcessedDistribution, position: int, token: int) -> tuple[float, float] | None:
+def zero_probability_kept_interval(
+    dist: ProcessedDistribution, position: int, token: int
+) -> tuple[float, float] | None:
     """The range of processed logprobs ``token`` has at ``position`` if an engine keeps it although the
     truncation drops it ("Probabilities fp32 cannot hold"): its logprob among the survivors plus itself,
     from ``maybe`` (smallest) to ``sure`` (largest). None unless that whole range is below

