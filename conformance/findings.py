@@ -20,7 +20,10 @@ Two kinds, in ``fixtures/known_findings.toml``:
 * ``divergence``: logprobs that break the contract under a sampling-parameter condition, ``when``, a
   small boolean expression over the request's :class:`~conformance.spec.SamplingSpec` fields (a set
   field is true: ``allowed_token_ids``, ``bad_words``; ``len(...)`` counts one), ``tier`` (``cpu`` /
-  ``gpu``), ``greedy`` and ``rows`` (the sequences of the check)::
+  ``gpu``), ``greedy``, ``rows`` (the sequences of the engine call the check's samples came from: the rows
+  of its engine steps at most), ``batch`` (the names of the sampling fields any request of that engine call
+  sets: ``'allowed_token_ids' in batch``) and ``env`` (the cell's environment as ``KEY=value`` strings:
+  ``'VLLM_USE_V2_MODEL_RUNNER=0' in env``)::
 
       [[finding]]
       id = "vllm-0.26-triton-topp-masked-rows"
@@ -81,12 +84,23 @@ class KnownFinding:
         needles = [self.match] if isinstance(self.match, str) else list(self.match)
         return self.kind == "crash" and any(n and n in text for n in needles) and self.applies_to(engine, version)
 
-    def covers(self, engine: str, version: str | None, spec: SamplingSpec, tier: str, rows: int) -> bool:
-        """A ``divergence`` finding covering a check of ``spec`` over ``rows`` sequences in a ``tier`` cell."""
+    def covers(
+        self,
+        engine: str,
+        version: str | None,
+        spec: SamplingSpec,
+        tier: str,
+        rows: int,
+        *,
+        batch: frozenset[str] = frozenset(),
+        env: frozenset[str] = frozenset(),
+    ) -> bool:
+        """A ``divergence`` finding covering a check of ``spec`` from an engine call of ``rows`` sequences whose
+        requests set the sampling fields ``batch``, in a ``tier`` cell with environment ``env``."""
         if self.kind != "divergence" or not self.applies_to(engine, version):
             return False
         names: dict[str, Any] = {f.name: getattr(spec, f.name) for f in fields(spec)}
-        names.update(tier=tier, rows=rows, greedy=spec.greedy)
+        names.update(tier=tier, rows=rows, greedy=spec.greedy, batch=batch, env=env)
         return bool(evaluate(self.when, names))
 
     @property
@@ -126,7 +140,7 @@ def check_expression(text: str, where: str) -> None:
         tree = ast.parse(text, mode="eval")
     except SyntaxError as exc:
         raise ValueError(f"{where}: when = {text!r} is not an expression ({exc.msg})") from None
-    names = {f.name for f in fields(SamplingSpec)} | {"tier", "rows", "greedy", "len"}
+    names = {f.name for f in fields(SamplingSpec)} | {"tier", "rows", "greedy", "batch", "env", "len"}
     for node in ast.walk(tree):
         if not isinstance(node, _NODES) or (
             isinstance(node, ast.Call)
@@ -135,7 +149,7 @@ def check_expression(text: str, where: str) -> None:
             raise ValueError(f"{where}: when = {text!r} uses {type(node).__name__}, not allowed in a finding condition")
         if isinstance(node, ast.Name) and node.id not in names:
             raise ValueError(
-                f"{where}: when = {text!r} names {node.id!r}, not a sampling field, tier, rows, greedy or len"
+                f"{where}: when = {text!r} names {node.id!r}, not a sampling field, tier, rows, greedy, batch, env or len"
             )
 
 
@@ -183,9 +197,12 @@ def covering_finding(
     tier: str,
     rows: int,
     findings: list[KnownFinding] | None = None,
+    *,
+    batch: frozenset[str] = frozenset(),
+    env: frozenset[str] = frozenset(),
 ) -> KnownFinding | None:
-    """The known divergence finding covering a failed check of ``spec``, or None."""
+    """The known divergence finding covering a failed check of ``spec``, or None (see :meth:`KnownFinding.covers`)."""
     for finding in findings if findings is not None else load_known_findings():
-        if finding.covers(engine, version, spec, tier, rows):
+        if finding.covers(engine, version, spec, tier, rows, batch=batch, env=env):
             return finding
     return None

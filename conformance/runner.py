@@ -99,9 +99,10 @@ class ParityRunner:
         try:
             samples = engine.generate(requests)
             rows = sum(len(group) for group in samples)
+            batch = frozenset(name for request in requests for name in request.spec.to_kwargs())
             for group in samples:
                 for sample in group:
-                    sample.batch_rows = rows
+                    sample.batch_rows, sample.batch_fields = rows, batch
             return samples
         finally:
             self.seconds["generate"] += time.perf_counter() - started
@@ -138,7 +139,11 @@ class ParityRunner:
             name, version = self.handle.identity()
             # the engine call's rows (a check's cases are generated together with the other cases of its batch)
             rows = max([sum(len(group) for group in samples)] + [s.batch_rows or 0 for g in samples for s in g])
-            finding = covering_finding(name, version, report.spec, self.cell.tier, rows, self.findings)
+            batch = frozenset(report.spec.to_kwargs()).union(*(s.batch_fields for g in samples for s in g))
+            env = frozenset(f"{key}={value}" for key, value in self.cell.env.items())
+            finding = covering_finding(
+                name, version, report.spec, self.cell.tier, rows, self.findings, batch=batch, env=env
+            )
             report.known = finding.explanation if finding is not None else None
         if record:
             self.record(test, report)

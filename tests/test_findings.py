@@ -65,13 +65,41 @@ def test_a_check_is_covered_by_the_rows_of_its_engine_call(monkeypatch: pytest.M
 
     monkeypatch.setattr(runner_module, "judge_samples", lambda *a, **k: Failed())
     monkeypatch.setattr(runner_module, "token_contexts", lambda *a, **k: None)
-    cell = type("Cell", (), {"id": "c", "tier": "gpu", "tolerance": None, "logprobs_mode": "processed_logprobs"})()
+    cell = type(
+        "Cell", (), {"id": "c", "tier": "gpu", "tolerance": None, "logprobs_mode": "processed_logprobs", "env": {}}
+    )()
     runner = ParityRunner(Handle(), object(), None, cell=cell, findings=[finding])  # type: ignore[arg-type]
     samples = runner.generate(requests)  # 16 sequences in one call
     assert {s.batch_rows for group in samples for s in group} == {16}
     assert runner.judge(requests[:1], samples[:1], record=False).known  # this check: 2 of the call's 16 rows
     alone = [[Sample(s.prompt_ids, s.output_ids, s.sampled_values, s.top_values) for s in samples[0]]]
     assert not runner.judge(requests[:1], alone, record=False).known  # 2 rows in a call of its own
+
+
+def test_divergence_conditions_can_name_the_batch_and_the_cell_environment() -> None:
+    """A batch-state finding (vLLM 0.26's V1 runner copies one request's allowed_token_ids mask onto another
+    row) covers a check whose own request sets nothing, when another request of its engine call does."""
+    leak = KnownFinding(
+        id="leak",
+        engine="vllm",
+        versions=">=0.26,<0.27",
+        summary="s",
+        kind="divergence",
+        when="'allowed_token_ids' in batch and 'VLLM_USE_V2_MODEL_RUNNER=0' in env",
+    )
+    plain = SamplingSpec(temperature=0.0)
+    v1 = frozenset({"VLLM_USE_V2_MODEL_RUNNER=0"})
+    assert leak.covers("vllm", "0.26.0", plain, "gpu", 8, batch=frozenset({"allowed_token_ids"}), env=v1)
+    assert not leak.covers("vllm", "0.26.0", plain, "gpu", 8, batch=frozenset({"top_p"}), env=v1)
+    assert not leak.covers("vllm", "0.26.0", plain, "gpu", 8, batch=frozenset({"allowed_token_ids"}))
+    shipped = {f.id: f for f in load_known_findings()}
+    assert shipped["vllm-0.26-v1-runner-allowed-token-ids-swap"].covers(
+        "vllm", "0.26.0", plain, "gpu", 4, batch=frozenset({"allowed_token_ids"}), env=v1
+    )
+    sharp = shipped["vllm-0.26-triton-topp-sharp-rows"]
+    assert sharp.covers("vllm", "0.26.0", SamplingSpec(temperature=0.2, top_p=0.5), "gpu", 8)
+    assert not sharp.covers("vllm", "0.26.0", SamplingSpec(temperature=0.2, top_p=0.5), "gpu", 4)  # PyTorch path
+    assert not sharp.covers("vllm", "0.26.0", SamplingSpec(temperature=1.0, top_p=0.5), "gpu", 8)
 
 
 @pytest.mark.parametrize(
@@ -210,3 +238,38 @@ def test_fatal_crash_blocks_the_cell_and_xfails_its_tests(pytester: pytest.Pytes
     outcomes = plain.parseoutcomes()
     assert outcomes.get("xfailed") == 3 and not outcomes.get("failed") and not outcomes.get("passed"), outcomes
     assert plain_starts >= 9, f"a non-fatal finding restarts the engine per crash (3 per test): {plain_starts} starts"
+
+
+def test_an_engine_that_cannot_start_ends_the_test_as_its_finding() -> None:
+    """``parity.engine`` for a cell whose engine cannot start: xfail naming a known crash finding (the GPU run of
+    session 5 failed the weight-update tests of the CUDA-IPC cell, whose start is the known ray finding), a
+    clear failure naming the engine otherwise."""
+    from _pytest.outcomes import Failed, XFailed
+
+    from conformance.engines.base import EngineFailure
+    from conformance.plugin.fixture import Parity
+    from conformance.report.recorder import EngineFailureRecord
+
+    ray = KnownFinding(
+        id="ray", engine="vllm", versions=">=0.26,<0.27", summary="imports ray", match="No module named 'ray'"
+    )
+
+    class Runner:
+        def __init__(self, reason: str) -> None:
+            self.reason = reason
+
+        @property
+        def engine(self) -> None:
+            raise EngineFailure(self.reason)
+
+        def known_finding(self, failure: EngineFailure) -> KnownFinding | None:
+            return match_finding("vllm", "0.26.0", failure.finding_text, [ray])
+
+        def engine_failure(self, params: str, failure: EngineFailure, test: str = "") -> EngineFailureRecord:
+            known = self.known_finding(failure)
+            return EngineFailureRecord("c", params, failure.reason, "", known.id if known else None)
+
+    with pytest.raises(XFailed, match="known engine finding ray"):
+        _ = Parity(Runner("cell c: ModuleNotFoundError: No module named 'ray'"), None, None, "t").engine  # type: ignore[arg-type]
+    with pytest.raises(Failed, match="something else"):
+        _ = Parity(Runner("cell c: something else"), None, None, "t").engine  # type: ignore[arg-type]

@@ -56,6 +56,9 @@ class Sample:
     batch_rows: int | None = None
     """Sequences generated in the same engine call as this one (an upper bound on the rows of the engine
     steps that sampled it; known findings that depend on the step's batch size read it). Set by the runner."""
+    batch_fields: frozenset[str] = frozenset()
+    """The :class:`~conformance.spec.SamplingSpec` fields that some request of the same engine call sets (not
+    default): known findings about state shared between a batch's rows read it. Set by the runner."""
 
 
 class EngineFailure(RuntimeError):

@@ -220,8 +220,13 @@ class Parity:
 
     @property
     def engine(self) -> Engine:
-        """The cell's running engine (started on first use)."""
-        return self.runner.engine
+        """The cell's running engine (started on first use). An engine that cannot start ends the test as
+        that engine finding (:meth:`fail_engine`: ``xfail`` when it is a known one)."""
+        __tracebackhide__ = True
+        try:
+            return self.runner.engine
+        except EngineFailure as exc:
+            self.fail_engine("engine start", exc)
 
     @property
     def prompts(self) -> PromptSet:
