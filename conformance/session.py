@@ -10,8 +10,9 @@ tokenizers and references load on first use and are cached per model directory.
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,13 +69,39 @@ class PromptSet:
 
 class EnginePool:
     """Engines shared by the tests of a session, one per engine configuration (:meth:`Cell.engine_key`),
-    at most ``alive`` running at once (the least recently used one is stopped, and started again if it is
-    needed later). A configuration that could not start is remembered and not retried."""
+    at most ``alive`` running at once. A configuration that could not start is remembered and not retried.
 
-    def __init__(self, alive: int = 2) -> None:
+    Which running engine is stopped to make room: with a :meth:`plan` (the engine keys every test of the
+    session will use, in run order, and the position of the test now running, :meth:`advance`), the one whose
+    next use is farthest away or never comes (Belady's rule: the fewest restarts for that order); without a
+    plan, the least recently used one."""
+
+    def __init__(self, alive: int = 3) -> None:
         self.alive = max(1, alive)
         self._handles: dict[str, EngineHandle] = {}
         self._order: list[str] = []
+        self._future: list[frozenset[str]] = []
+        self._cursor = 0
+        self._position: Callable[[], int] | None = None
+
+    def plan(self, demands: Sequence[frozenset[str]], position: Callable[[], int] | None = None) -> None:
+        """The engine keys of every test of the session, in the order they will run; ``position`` says which
+        test runs now (else :meth:`advance` does)."""
+        self._future = list(demands)
+        self._cursor = 0
+        self._position = position
+
+    def advance(self, position: int) -> None:
+        """The test at ``position`` of the plan is running now."""
+        self._cursor = position
+
+    def next_use(self, key: str) -> float:
+        """Position of the next test at or after the current one that uses ``key`` (inf: none, or no plan)."""
+        start = self._position() if self._position is not None else self._cursor
+        for position in range(start, len(self._future)):
+            if key in self._future[position]:
+                return position
+        return math.inf
 
     def get(self, key: str, make: Callable[[], EngineHandle]) -> EngineHandle:
         """The pooled handle for ``key`` (made by ``make`` on first use); room is made for it to start."""
@@ -83,7 +110,9 @@ class EnginePool:
         if key in self._order:
             self._order.remove(key)
         self._order.append(key)
-        running = [k for k in self._order[:-1] if self._handles[k].started]
+        running = [k for k in self._order[:-1] if self._handles[k].started]  # least recently used first
+        if self._future:
+            running.sort(key=self.next_use, reverse=True)  # stable: ties stay least recently used first
         for stale in running[: max(0, len(running) - (self.alive - 1))]:
             self._handles[stale].close()
         return self._handles[key]
@@ -91,6 +120,12 @@ class EnginePool:
     def close(self) -> None:
         for handle in self._handles.values():
             handle.close()
+
+
+def pool_key(cell: Cell, engine: str | EngineFactory | None = None) -> str:
+    """The pool key of ``cell``'s engine in a session whose engine override is ``engine``: equal keys share one
+    running engine (the model directory is part of :meth:`Cell.engine_key` through ``cell.model``)."""
+    return json.dumps([cell.engine_key(), repr(engine)])
 
 
 class ParitySession:
@@ -115,7 +150,7 @@ class ParitySession:
         trainer_fn: TrainerLogitsFn | None = None,
         trainer_fn_name: str = "",
         recorder: Recorder | None = None,
-        engines_alive: int = 2,
+        engines_alive: int = 3,
         findings: Path | None = None,
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -222,8 +257,7 @@ class ParitySession:
     def shared_handle(self, cell: Cell) -> EngineHandle:
         """The session's pooled handle for ``cell``'s engine configuration: a later cell (or test) with the
         same configuration reuses the running engine instead of starting another. Closed by :meth:`close`."""
-        key = json.dumps([cell.engine_key(), str(self.model_path(cell)), repr(self.engine)])
-        return self.pool.get(key, lambda: self.handle(cell))
+        return self.pool.get(pool_key(cell, self.engine), lambda: self.handle(cell))
 
     def close(self) -> None:
         """Stop every pooled engine."""

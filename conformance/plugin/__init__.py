@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,10 +34,12 @@ MARKERS = {
     "family": "family(name): the test family; a cell's `families` key selects which families it runs",
     "golden": "golden-tensor verification of the cell's engine (select with -m golden; record with --parity-record-golden)",
     "xdist_group": "xdist_group(name): pytest-xdist --dist loadgroup runs a group in one worker (the kit groups by cell)",
+    "parity_engines": "parity_engines.with_args(fn): fn(selected cells, the test's own cells) -> the other cells whose engines the test drives (the session schedules them)",
 }
 
 CONFIG_KEY = pytest.StashKey[ParityConfig]()
 RECORDER_KEY = pytest.StashKey[Any]()
+SCHEDULE_KEY = pytest.StashKey["EngineSchedule"]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -144,9 +147,73 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         family_of(item)
     if any("cell" in getattr(item, "fixturenames", ()) for item in items):
         check_models(config.stash[CONFIG_KEY])
+        config.stash[SCHEDULE_KEY] = schedule_engines(items, config.stash[CONFIG_KEY])
     ignored = loadgroup_ignored(config, items)
     if ignored is not None:
         warnings.warn(pytest.PytestWarning(ignored), stacklevel=1)
+
+
+@dataclass
+class EngineSchedule:
+    """The engine keys (:func:`~conformance.session.pool_key`) each test of the session uses, in run order,
+    and the position of the test running now: the engine pool stops the engine needed latest (or never)."""
+
+    demands: list[frozenset[str]]
+    index: dict[str, int]
+    position: int = 0
+
+
+def test_cells(item: pytest.Item, selected: list[Cell]) -> list[Cell]:
+    """The cells whose engines ``item`` drives: its parameters that are cells (or tuples holding cells: the
+    execution-mode pairs) and what its ``parity_engines`` marker names."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    own: list[Cell] = []
+    for value in params.values():
+        own += (
+            [value]
+            if isinstance(value, Cell)
+            else [v for v in value if isinstance(v, Cell)]
+            if isinstance(value, tuple)
+            else []
+        )
+    marker = item.get_closest_marker("parity_engines")
+    extra = list(marker.args[0](selected, own)) if marker is not None and marker.args else []
+    return own + extra
+
+
+def schedule_engines(items: list[pytest.Item], parity: ParityConfig) -> EngineSchedule:
+    """Order ``items`` so that a test driving several cells' engines (a pair) runs right after the last test
+    of the cell it meets last, when its engines have been started for their own cells; and return the
+    schedule the engine pool reads. Deterministic, so every pytest-xdist worker collects the same order."""
+    from conformance.session import pool_key
+
+    selected = parity.selected_cells()
+    demand = {
+        id(item): frozenset(pool_key(cell, parity.engine) for cell in test_cells(item, selected)) for item in items
+    }
+    single = [item for item in items if len(demand[id(item)]) < 2]
+    last: dict[str, int] = {}
+    for position, item in enumerate(single):
+        for key in demand[id(item)]:
+            last[key] = position
+    after: dict[int, list[pytest.Item]] = {}
+    for item in items:
+        if len(demand[id(item)]) >= 2:
+            anchor = max((last[k] for k in demand[id(item)] if k in last), default=len(single) - 1)
+            after.setdefault(anchor, []).append(item)
+    ordered = after.get(-1, [])
+    for position, item in enumerate(single):
+        ordered += [item, *after.get(position, [])]
+    items[:] = ordered
+    demands = [demand[id(item)] for item in items]
+    return EngineSchedule(demands, {item.nodeid: position for position, item in enumerate(items)})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    schedule = item.config.stash.get(SCHEDULE_KEY, None)
+    if schedule is not None:
+        schedule.position = schedule.index.get(item.nodeid, schedule.position)
 
 
 LOADGROUP_IGNORED = (
@@ -226,6 +293,9 @@ def parity_session(pytestconfig: pytest.Config, parity_config: ParityConfig) -> 
         engines_alive=parity_config.engines_alive,
         findings=parity_config.findings,
     )
+    schedule = pytestconfig.stash.get(SCHEDULE_KEY, None)
+    if schedule is not None and not hasattr(pytestconfig, "workerinput"):  # a worker runs part of the order only
+        session.pool.plan(schedule.demands, lambda: schedule.position)
     if not recorder.versions:
         recorder.versions.update(environment_versions(session.device))
     yield session
@@ -269,7 +339,7 @@ def parity_model_path(cell: Cell, parity_session: Any) -> Path:
 @pytest.fixture(scope="session")
 def parity_engine(cell: Cell, parity_session: Any, parity_model_path: Path) -> Any:
     """The cell's :class:`~conformance.engines.handle.EngineHandle`, from the session's pool: an engine
-    configuration starts once per session (a few stay alive; the least recently used one is stopped)."""
+    configuration starts once per session (a few stay alive; the one needed latest is stopped)."""
     return parity_session.shared_handle(cell)
 
 

@@ -102,8 +102,8 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     (
         "engines-alive",
         {
-            "default": "2",
-            "help": "engines kept running at once per session (one per engine configuration; the least recently used one is stopped)",
+            "default": "3",
+            "help": "engines kept running at once per session (one per engine configuration; the one whose next use is farthest away is stopped: docs/profile-cpu.md)",
         },
     ),
 ]
@@ -141,7 +141,7 @@ class ParityConfig:
     trainer_fn_name: str = ""
     findings: Path | None = None
     """``--parity-findings`` (None: the kit's own known findings)."""
-    engines_alive: int = 2
+    engines_alive: int = 3
     explicit: bool = False
     """Whether any ``--parity-*`` option or ini key was given (the plugin stays inert otherwise)."""
     _cells: list[Cell] | None = field(default=None, repr=False)

@@ -91,6 +91,12 @@ def compare_heads(low: Cell, head32: Cell, session: Any, head32_handle: Any = No
     return line, p < ALPHA and e_head.mean() < e_low.mean()
 
 
+def precision_engines(selected: list[Cell], own: list[Cell]) -> list[Cell]:
+    """The cells :func:`test_fp32_head_reduces_mismatch` drives: every precision pair and its fp32 twin."""
+    return [c for low, head32 in _pairs(selected) for c in (low, head32, *_fp32_twins(selected, low))]
+
+
+@pytest.mark.parity_engines.with_args(precision_engines)
 def test_fp32_head_reduces_mismatch(parity_config: Any, parity_session: Any) -> None:
     pairs = _pairs(parity_config.selected_cells())
     if not pairs:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from conformance.engines.base import Request
+from conformance.matrix import Cell
 from conformance.path_comparison import compare_samples
 from conformance.plugin.fixture import Parity
 from conformance.spec import SamplingSpec
@@ -39,13 +40,22 @@ SPECS = (
 PROMPTS = (0, 3, 7, 12)
 
 
+def offline_twin(cell: Cell) -> Cell:
+    """The offline cell of a server cell's configuration (it shares the pooled engine of any cell like it)."""
+    return dataclasses.replace(cell, engine="vllm", id=f"{cell.id}~offline")
+
+
+def offline_twins(selected: list[Cell], own: list[Cell]) -> list[Cell]:
+    return [offline_twin(c) for c in own if c.engine == "vllm-server"]
+
+
+@pytest.mark.parity_engines.with_args(offline_twins)
 def test_server_agrees_with_offline(parity: Parity, parity_session: Any) -> None:
     """Same cell, same requests: server and offline engine choose the same tokens with equal values."""
     cell = parity.cell
     if cell.engine != "vllm-server":
         pytest.skip(f"cell {cell.id} is not a server cell (engine = {cell.engine!r})")
-    twin = dataclasses.replace(cell, engine="vllm", id=f"{cell.id}~offline")
-    offline = parity_session.shared_handle(twin)  # an offline cell of the same configuration shares it
+    offline = parity_session.shared_handle(offline_twin(cell))  # an offline cell of the same configuration shares it
     for spec in SPECS:
         requests = [Request(parity.prompts.ids[i], spec, prompt_logprobs=3 if i == 0 else None) for i in PROMPTS]
         repro = f"prompts={list(PROMPTS)} {spec.describe()} (prompt_logprobs=3 on the first)"
