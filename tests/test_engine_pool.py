@@ -36,17 +36,21 @@ def run(pool: EnginePool, demands: list[frozenset[str]]) -> list[str]:
     return starts
 
 
+def plenty() -> int:
+    return 1 << 50
+
+
 DEMANDS = [frozenset(d) for d in ("A", "A", "B", "C", "C", "AC", "D", "AD")]
 """Cell A's tests, B's, C's, the pair A-C, D's, the pair A-D (the CPU matrix's shape: fp32-processed pairs
 with the chunked, no-cache and TP=2 cells)."""
 
 
 def test_without_a_plan_the_least_recently_used_engine_stops() -> None:
-    assert run(EnginePool(alive=2), DEMANDS) == ["A", "B", "C", "A", "D", "A"]
+    assert run(EnginePool(alive=2, available=plenty), DEMANDS) == ["A", "B", "C", "A", "D", "A"]
 
 
 def test_with_a_plan_the_engine_needed_latest_stops() -> None:
-    pool = EnginePool(alive=2)
+    pool = EnginePool(alive=2, available=plenty)
     pool.plan(DEMANDS)
     assert run(pool, DEMANDS) == ["A", "B", "C", "D"]  # B and C (never needed again) make way, not A
 
@@ -98,3 +102,27 @@ def test_a_marker_names_the_other_engines_a_test_drives(tmp_path: Path) -> None:
             return pytest.mark.parity_engines.with_args(lambda selected, own: [selected[1]]).mark
 
     assert [c.id for c in test_cells(Item(), cells)] == [cells[0].id, cells[1].id]  # type: ignore[arg-type]
+
+
+def test_idle_engines_make_way_when_memory_is_short() -> None:
+    """Before an engine starts, idle engines are stopped (the one needed latest first) until START_MEMORY is
+    free, even below the ``alive`` count."""
+    from conformance.session import START_MEMORY
+
+    free = {"bytes": 10 * START_MEMORY}
+    pool = EnginePool(alive=3, available=lambda: free["bytes"])
+    starts: list[str] = []
+    handles: dict[str, FakeHandle] = {}
+
+    def use(key: str) -> FakeHandle:
+        handle = pool.get(key, lambda: handles.setdefault(key, FakeHandle(key, starts)))  # type: ignore[arg-type, return-value]
+        return handle.start()  # type: ignore[attr-defined, no-any-return]
+
+    use("A")
+    use("B")
+    free["bytes"] = START_MEMORY // 2  # short of memory: C's start stops the idle engines first
+    use("C")
+    assert [k for k, h in handles.items() if h.started] == ["C"]
+    free["bytes"] = 10 * START_MEMORY
+    use("A")
+    assert [k for k, h in handles.items() if h.started] == ["A", "C"]
