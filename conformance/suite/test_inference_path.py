@@ -140,22 +140,24 @@ def test_batch_composition_does_not_change_logprobs(parity: Parity) -> None:
         batch.insert(slot, alone[0])
         solo = parity.generate(alone)
         mixed = parity.generate(batch)
-        # the contract first: a batch a known finding covers (a kernel only large batches take) is that finding,
-        # and its distance from the request alone is the finding's, not a separate failure
-        parity.assert_passed(parity.judge(batch, mixed))
+        report = parity.judge(batch, mixed)
         # VLLM_BATCH_INVARIANT=1 (GPU, SM80+) promises bitwise-equal results whatever the batch.
         invariant = parity.cell.env.get("VLLM_BATCH_INVARIANT") == "1"
         tolerance = 0.0 if invariant else parity.max_abs(spec)
-        parity.assert_paths(
-            compare_samples(
-                solo[0],
-                mixed[slot],
-                parity.cell.id,
-                ("alone", f"in a batch of {len(batch)}"),
-                tolerance,
-                f"slot {slot}, n={spec.n}" + (", batch-invariant cell" if invariant else ""),
-            )
+        comparison = compare_samples(
+            solo[0],
+            mixed[slot],
+            parity.cell.id,
+            ("alone", f"in a batch of {len(batch)}"),
+            tolerance,
+            f"slot {slot}, n={spec.n}" + (", batch-invariant cell" if invariant else ""),
         )
+        if not comparison.passed and not report.passed and report.known:
+            # a batch a known finding covers (a kernel only large batches take): its distance from the
+            # request alone is that finding, not a failure of its own
+            parity.assert_passed(report)
+        parity.assert_paths(comparison)
+        parity.assert_passed(report)
 
     property_()
 
