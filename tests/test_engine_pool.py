@@ -126,3 +126,10 @@ def test_idle_engines_make_way_when_memory_is_short() -> None:
     free["bytes"] = 10 * START_MEMORY
     use("A")
     assert [k for k, h in handles.items() if h.started] == ["A", "C"]
+
+
+def test_an_xdist_worker_keeps_two_engines_alive_by_default() -> None:
+    from conformance.plugin.options import default_engines_alive
+
+    assert default_engines_alive({}) == "3"
+    assert default_engines_alive({"PYTEST_XDIST_WORKER": "gw1"}) == "2"
