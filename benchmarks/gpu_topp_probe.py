@@ -42,14 +42,7 @@ def main() -> None:
         for min_p in (0.0, 0.3):
             for top_k in (None, 20):
                 for top_p in (0.5, 0.76, 0.86, 0.95):
-                    logits = torch.randn(batch, vocab, device="cuda") * 2.5
-                    if finite < vocab:
-                        keep = torch.rand(batch, vocab, device="cuda").argsort(dim=-1)[:, :finite]
-                        mask = torch.ones_like(logits, dtype=torch.bool).scatter_(1, keep, False)
-                        logits = logits.masked_fill(mask, float("-inf"))
-                    if min_p > 0:
-                        probs = logits.softmax(-1)
-                        logits = logits.masked_fill(probs < probs.amax(-1, keepdim=True) * min_p, float("-inf"))
+                    logits = _rows(batch, vocab, finite, min_p)
                     p = torch.full((batch,), top_p, device="cuda")
                     k = None if top_k is None else torch.full((batch,), top_k, device="cuda", dtype=torch.long)
                     ref = torch.isfinite(apply_top_k_top_p_pytorch(logits.clone(), k, p))
@@ -72,6 +65,21 @@ def main() -> None:
     _report(rows, args.json)
 
 
+def _rows(batch: int, vocab: int, finite: int, min_p: float, temperature: float = 1.0) -> torch.Tensor:
+    """Random logits (N(0, 2.5^2)) with all but ``finite`` random tokens per row at -inf (what
+    allowed_token_ids leaves), divided by ``temperature``, then min_p applied (what the sampler hands top-p)."""
+    logits = torch.randn(batch, vocab, device="cuda") * 2.5
+    if finite < vocab:
+        keep = torch.rand(batch, vocab, device="cuda").argsort(dim=-1)[:, :finite]
+        mask = torch.ones_like(logits, dtype=torch.bool).scatter_(1, keep, False)
+        logits = logits.masked_fill(mask, float("-inf"))
+    logits = logits / temperature
+    if min_p > 0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < probs.amax(-1, keepdim=True) * min_p, float("-inf"))
+    return logits
+
+
 def _sharp_rows(pytorch_fn: Any, triton_fn: Any) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     vocab, batch = 2048, 64
@@ -80,15 +88,7 @@ def _sharp_rows(pytorch_fn: Any, triton_fn: Any) -> list[dict[str, Any]]:
         for finite in (vocab, 64, 17, 4):
             for min_p in (0.0, 0.3):
                 for top_p in (0.1, 0.25, 0.5, 0.9):
-                    logits = torch.randn(batch, vocab, device="cuda") * 2.5
-                    if finite < vocab:
-                        keep = torch.rand(batch, vocab, device="cuda").argsort(dim=-1)[:, :finite]
-                        mask = torch.ones_like(logits, dtype=torch.bool).scatter_(1, keep, False)
-                        logits = logits.masked_fill(mask, float("-inf"))
-                    logits = logits / temperature
-                    if min_p > 0:
-                        probs = logits.softmax(-1)
-                        logits = logits.masked_fill(probs < probs.amax(-1, keepdim=True) * min_p, float("-inf"))
+                    logits = _rows(batch, vocab, finite, min_p, temperature)
                     p = torch.full((batch,), top_p, device="cuda")
                     ref = torch.isfinite(pytorch_fn(logits.clone(), None, p))
                     tri = torch.isfinite(triton_fn(logits.clone(), None, p))

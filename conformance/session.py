@@ -72,7 +72,7 @@ class EnginePool:
     at most ``alive`` running at once. A configuration that could not start is remembered and not retried.
 
     Which running engine is stopped to make room: with a :meth:`plan` (the engine keys every test of the
-    session will use, in run order, and the position of the test now running, :meth:`advance`), the one whose
+    session will use, in run order, and the position of the test now running), the one whose
     next use is farthest away or never comes (Belady's rule: the fewest restarts for that order); without a
     plan, the least recently used one."""
 
@@ -82,23 +82,17 @@ class EnginePool:
         self._handles: dict[str, EngineHandle] = {}
         self._order: list[str] = []
         self._future: list[frozenset[str]] = []
-        self._cursor = 0
-        self._position: Callable[[], int] | None = None
+        self._position: Callable[[], int] = lambda: 0
 
-    def plan(self, demands: Sequence[frozenset[str]], position: Callable[[], int] | None = None) -> None:
-        """The engine keys of every test of the session, in the order they will run; ``position`` says which
-        test runs now (else :meth:`advance` does)."""
+    def plan(self, demands: Sequence[frozenset[str]], position: Callable[[], int]) -> None:
+        """The engine keys of every test of the session, in the order they will run; ``position()`` is the
+        index of the test running now."""
         self._future = list(demands)
-        self._cursor = 0
         self._position = position
-
-    def advance(self, position: int) -> None:
-        """The test at ``position`` of the plan is running now."""
-        self._cursor = position
 
     def next_use(self, key: str) -> float:
         """Position of the next test at or after the current one that uses ``key`` (inf: none, or no plan)."""
-        start = self._position() if self._position is not None else self._cursor
+        start = self._position()
         for position in range(start, len(self._future)):
             if key in self._future[position]:
                 return position

@@ -24,12 +24,15 @@ class FakeHandle:
         self.started = False
 
 
-def run(pool: EnginePool, demands: list[frozenset[str]]) -> list[str]:
-    """Drive ``pool`` through the tests' demands; the engine starts in order."""
+def run(pool: EnginePool, demands: list[frozenset[str]], *, planned: bool = False) -> list[str]:
+    """Drive ``pool`` through the tests' demands (telling it the plan if ``planned``); the engine starts in order."""
     starts: list[str] = []
     handles: dict[str, FakeHandle] = {}
+    now = [0]
+    if planned:
+        pool.plan(demands, lambda: now[0])
     for position, keys in enumerate(demands):
-        pool.advance(position)
+        now[0] = position
         for key in sorted(keys):
             handle = pool.get(key, lambda k=key: handles.setdefault(k, FakeHandle(k, starts)))  # type: ignore[misc, arg-type]
             handle.start()  # type: ignore[attr-defined]
@@ -51,8 +54,7 @@ def test_without_a_plan_the_least_recently_used_engine_stops() -> None:
 
 def test_with_a_plan_the_engine_needed_latest_stops() -> None:
     pool = EnginePool(alive=2, available=plenty)
-    pool.plan(DEMANDS)
-    assert run(pool, DEMANDS) == ["A", "B", "C", "D"]  # B and C (never needed again) make way, not A
+    assert run(pool, DEMANDS, planned=True) == ["A", "B", "C", "D"]  # B and C (never needed again) make way, not A
 
 
 def test_pairs_run_after_the_last_test_of_their_cells(pytester: pytest.Pytester) -> None:

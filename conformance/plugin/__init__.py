@@ -169,13 +169,10 @@ def test_cells(item: pytest.Item, selected: list[Cell]) -> list[Cell]:
     params = getattr(getattr(item, "callspec", None), "params", {})
     own: list[Cell] = []
     for value in params.values():
-        own += (
-            [value]
-            if isinstance(value, Cell)
-            else [v for v in value if isinstance(v, Cell)]
-            if isinstance(value, tuple)
-            else []
-        )
+        if isinstance(value, Cell):
+            own.append(value)
+        elif isinstance(value, tuple):
+            own += [v for v in value if isinstance(v, Cell)]
     marker = item.get_closest_marker("parity_engines")
     extra = list(marker.args[0](selected, own)) if marker is not None and marker.args else []
     return own + extra
