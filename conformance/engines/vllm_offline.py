@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from conformance.engines import zygote
 from conformance.engines.base import EngineFailure, Request, Sample
 from conformance.engines.vllm_common import cell_env, log_size, read_since, read_tail, root_cause, summary, vllm_version
 from conformance.matrix import Cell
@@ -61,9 +62,11 @@ def _fds_to(path: Path) -> Iterator[None]:
 
 
 def _child_pids() -> list[int]:
+    """This process's descendants, less the helpers all engines share (zygote.shared_pids)."""
     import psutil  # a vLLM dependency
 
-    return [p.pid for p in psutil.Process().children(recursive=True)]
+    shared = zygote.shared_pids()
+    return [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in shared]
 
 
 def _kill(pids: Sequence[int]) -> None:
@@ -109,10 +112,13 @@ class ChildProcesses:
 
         mine = self._claimed.get(id(self))
         others = self._others()
+        shared = zygote.shared_pids()
         out = []
         for proc in psutil.Process().children(recursive=True):
+            if proc.pid in shared:
+                continue
             with contextlib.suppress(psutil.Error):
-                lineage = {proc.pid} | {parent.pid for parent in proc.parents()}
+                lineage = ({proc.pid} | {parent.pid for parent in proc.parents()}) - shared
                 if mine is not None:
                     if lineage & mine:
                         out.append(proc.pid)
@@ -141,6 +147,8 @@ class VllmOfflineEngine:
         self.model_path = model_path
         self.log_path = Path(tempfile.mkstemp(prefix=f"vllm-{cell.id}-", suffix=".log", dir=log_dir)[1])
         self.dead = False
+        self.start_mode = "spawn"
+        """How the engine's processes started (conformance.engines.zygote)."""
         self._llm: Any = None
         self._children = ChildProcesses()
         # The cell's environment stays set for the engine's whole life: vLLM reads some variables lazily
@@ -160,6 +168,7 @@ class VllmOfflineEngine:
             import vllm  # noqa: F401
         except ImportError as exc:
             raise EngineFailure(f"cell {self.cell.id}: vLLM is not importable ({exc})") from None
+        installed = zygote.install() if self.cell.tier == "cpu" else "spawn"
         result: dict[str, Any] = {}
 
         def construct() -> None:
@@ -196,6 +205,7 @@ class VllmOfflineEngine:
             )
         self._llm = result["llm"]
         self._children.claim()
+        self.start_mode = zygote.last_start() if installed == "zygote" else installed
 
     def log_tail(self, lines: int = 25) -> str:
         return read_tail(self.log_path, lines)
@@ -231,7 +241,8 @@ class VllmOfflineEngine:
 
     @property
     def description(self) -> str:
-        return f"vllm {vllm_version()} (offline LLM)"
+        start = f", zygote start: {zygote.ENV_VAR}=spawn for vLLM's own" if self.start_mode == "zygote" else ""
+        return f"vllm {vllm_version()} (offline LLM{start})"
 
     @property
     def llm(self) -> Any:
