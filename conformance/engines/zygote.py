@@ -94,6 +94,11 @@ def _engine_core_main(
     os.environ.clear()
     os.environ.update(env)
     _reopen_stdio(stdio)
+    return _forked_engine_core_main(target, args, kwargs)
+
+
+def _forked_engine_core_main(target: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    """An engine core that forks its workers (it has imported everything they need)."""
     import vllm.v1.executor.multiproc_executor as executor
 
     executor.get_mp_context = lambda: _WORKER_CONTEXT  # type: ignore[attr-defined]
@@ -142,6 +147,13 @@ class _EngineCoreProcess(multiprocessing.context.ForkServerProcess):
         super().start()
 
 
+class _ForkedEngineCoreProcess(multiprocessing.context.ForkProcess):
+    def start(self) -> None:
+        wrapped = (self._target, self._args, self._kwargs)  # type: ignore[attr-defined]
+        self._target, self._args, self._kwargs = _forked_engine_core_main, wrapped, {}  # type: ignore[attr-defined]
+        super().start()
+
+
 class _WorkerProcess(multiprocessing.context.ForkProcess):
     def start(self) -> None:
         wrapped = (self._target, self._args, self._kwargs)  # type: ignore[attr-defined]
@@ -153,11 +165,16 @@ class _EngineCoreContext(multiprocessing.context.ForkServerContext):
     Process = _EngineCoreProcess  # type: ignore[assignment]
 
 
+class _ForkedEngineCoreContext(multiprocessing.context.ForkContext):
+    Process = _ForkedEngineCoreProcess  # type: ignore[assignment]
+
+
 class _WorkerContext(multiprocessing.context.ForkContext):
     Process = _WorkerProcess  # type: ignore[assignment]
 
 
 _ENGINE_CONTEXT = _EngineCoreContext()
+_FORKED_ENGINE_CONTEXT = _ForkedEngineCoreContext()
 _WORKER_CONTEXT = _WorkerContext()
 
 # -- in the parent ----------------------------------------------------------------------------------------
@@ -207,6 +224,35 @@ def last_start() -> str:
     return str(_installed.get("last", "spawn"))
 
 
+def _cpu_engine_utils() -> tuple[Any, str]:
+    """vLLM's ``vllm.v1.engine.utils`` when this vLLM and platform allow the zygote, else (None, why)."""
+    try:
+        import vllm.v1.engine.utils as engine_utils
+        import vllm.v1.executor.multiproc_executor as executor
+        from vllm.platforms import current_platform
+    except ImportError as exc:
+        return None, f"spawn (this vLLM lacks {exc.name})"
+    if not current_platform.is_cpu():
+        return None, "spawn (not vLLM's CPU platform)"
+    if not hasattr(engine_utils, "get_mp_context") or not hasattr(executor, "get_mp_context"):
+        return None, "spawn (this vLLM starts its processes another way)"
+    return engine_utils, "zygote"
+
+
+def install_fork() -> str:
+    """For a process that runs one vLLM server (``vllm serve``, see :mod:`conformance.engines.forked_serve`):
+    its engine core is forked from it, and the workers from the engine core, instead of spawned. The
+    server process has imported vLLM and run no OpenMP region yet, and a fork inherits its environment and
+    output exactly. Returns ``fork`` or ``spawn (why)``."""
+    if mode() == "spawn":
+        return f"spawn ({ENV_VAR}=spawn)"
+    engine_utils, why = _cpu_engine_utils()
+    if engine_utils is None:
+        return why
+    engine_utils.get_mp_context = lambda: _FORKED_ENGINE_CONTEXT
+    return "fork"
+
+
 def install() -> str:
     """Route this process's vLLM CPU engine-core starts through the zygote; returns how engines start now
     (``zygote``, or ``spawn`` with the reason when this vLLM or platform does not allow it)."""
@@ -215,17 +261,10 @@ def install() -> str:
     with _lock:
         if "engine_utils" in _installed:
             return "zygote"
-        try:
-            import vllm.v1.engine.utils as engine_utils
-            import vllm.v1.executor.multiproc_executor as executor
-            from vllm.platforms import current_platform
-        except ImportError as exc:
-            return f"spawn (this vLLM lacks {exc.name})"
-        if not current_platform.is_cpu():
-            return "spawn (not vLLM's CPU platform)"
-        spawn_context = getattr(engine_utils, "get_mp_context", None)
-        if spawn_context is None or not hasattr(executor, "get_mp_context"):
-            return "spawn (this vLLM starts its processes another way)"
+        engine_utils, why = _cpu_engine_utils()
+        if engine_utils is None:
+            return why
+        spawn_context = engine_utils.get_mp_context
         multiprocessing.forkserver.set_forkserver_preload(list(PRELOAD))
         _installed["engine_utils"] = spawn_context
         engine_utils.get_mp_context = lambda: _choose_context(spawn_context)  # type: ignore[attr-defined]

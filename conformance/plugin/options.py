@@ -221,6 +221,12 @@ def resolve_config(config: pytest.Config) -> ParityConfig:
     if not alive.isdigit() or int(alive) < 1:
         raise pytest.UsageError(f"--parity-engines-alive {alive!r}: expected a positive integer")
     diagnosis = _diagnosis(values["diagnose"], values["diagnose-calls"], values["repro-dir"])
+    from conformance.engines.zygote import ZygoteError, mode
+
+    try:
+        mode()  # PARITY_ENGINE_START, read when a CPU engine starts
+    except ZygoteError as exc:
+        raise pytest.UsageError(str(exc)) from None
     examples = values["examples"]
     if examples and not (examples.isdigit() and int(examples) > 0):
         raise pytest.UsageError(f"--parity-examples {examples!r}: expected a positive integer")
