@@ -74,3 +74,30 @@ def test_zygote_engine_equals_spawned_engine(
     assert runs["zygote"][0] == "zygote", runs["zygote"][0]
     assert runs["zygote"][1] == runs["spawn"][1], "worker threads / cores differ from a spawned worker's"
     assert runs["zygote"][2] == runs["spawn"][2], "a zygote-started engine returned other tokens or logprobs"
+
+
+@pytest.mark.selftest
+def test_forked_server_equals_spawned_server(
+    cpu_cells: dict[str, Cell], bundled_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``vllm serve`` under conformance.engines.forked_serve (engine core and worker forked) answers what
+    the server with vLLM's spawned processes answers."""
+    pytest.importorskip("vllm")
+    from conformance.engines.vllm_server import VllmServerEngine
+
+    requests = [
+        Request((1, 400 + i, 500, 600 + i), SamplingSpec(max_tokens=24, temperature=0.9, top_p=0.95, seed=11 + i))
+        for i in range(3)
+    ]
+    runs = {}
+    for start in ("spawn", "zygote"):
+        monkeypatch.setenv(zygote.ENV_VAR, start)
+        engine = VllmServerEngine(cpu_cells["fp32-processed-server"], bundled_model)
+        try:
+            samples = [s for row in engine.generate(requests) for s in row]
+            runs[start] = [(s.output_ids, s.sampled_values, s.top_values) for s in samples]
+            log = engine.log_tail(400)
+        finally:
+            engine.close()
+        assert ("engine processes start by fork" in log) == (start == "zygote"), log
+    assert runs["zygote"] == runs["spawn"], "the forked server returned other tokens or logprobs"

@@ -27,6 +27,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.forkserver
+import multiprocessing.process
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -101,7 +102,7 @@ def _forked_engine_core_main(target: Callable[..., Any], args: Any, kwargs: Any)
     """An engine core that forks its workers (it has imported everything they need)."""
     import vllm.v1.executor.multiproc_executor as executor
 
-    executor.get_mp_context = lambda: _WORKER_CONTEXT  # type: ignore[attr-defined]
+    executor.get_mp_context = lambda: _WORKER_CONTEXT
     return target(*args, **kwargs)
 
 
@@ -140,37 +141,41 @@ def _stdio_targets() -> tuple[str, str]:
     return out[0], out[1]
 
 
+def _run_instead(process: multiprocessing.process.BaseProcess, runner: Callable[..., Any], *front: Any) -> None:
+    """Make ``process`` run ``runner(*front, target, args, kwargs)`` instead of its own target."""
+    state = vars(process)
+    state["_args"] = (*front, state["_target"], state["_args"], state["_kwargs"])
+    state["_target"], state["_kwargs"] = runner, {}
+
+
 class _EngineCoreProcess(multiprocessing.context.ForkServerProcess):
     def start(self) -> None:
-        wrapped = (dict(os.environ), _stdio_targets(), self._target, self._args, self._kwargs)  # type: ignore[attr-defined]
-        self._target, self._args, self._kwargs = _engine_core_main, wrapped, {}  # type: ignore[attr-defined]
+        _run_instead(self, _engine_core_main, dict(os.environ), _stdio_targets())
         super().start()
 
 
 class _ForkedEngineCoreProcess(multiprocessing.context.ForkProcess):
     def start(self) -> None:
-        wrapped = (self._target, self._args, self._kwargs)  # type: ignore[attr-defined]
-        self._target, self._args, self._kwargs = _forked_engine_core_main, wrapped, {}  # type: ignore[attr-defined]
+        _run_instead(self, _forked_engine_core_main)
         super().start()
 
 
 class _WorkerProcess(multiprocessing.context.ForkProcess):
     def start(self) -> None:
-        wrapped = (self._target, self._args, self._kwargs)  # type: ignore[attr-defined]
-        self._target, self._args, self._kwargs = _worker_main, wrapped, {}  # type: ignore[attr-defined]
+        _run_instead(self, _worker_main)
         super().start()
 
 
 class _EngineCoreContext(multiprocessing.context.ForkServerContext):
-    Process = _EngineCoreProcess  # type: ignore[assignment]
+    Process = _EngineCoreProcess
 
 
 class _ForkedEngineCoreContext(multiprocessing.context.ForkContext):
-    Process = _ForkedEngineCoreProcess  # type: ignore[assignment]
+    Process = _ForkedEngineCoreProcess
 
 
 class _WorkerContext(multiprocessing.context.ForkContext):
-    Process = _WorkerProcess  # type: ignore[assignment]
+    Process = _WorkerProcess
 
 
 _ENGINE_CONTEXT = _EngineCoreContext()
@@ -267,5 +272,5 @@ def install() -> str:
         spawn_context = engine_utils.get_mp_context
         multiprocessing.forkserver.set_forkserver_preload(list(PRELOAD))
         _installed["engine_utils"] = spawn_context
-        engine_utils.get_mp_context = lambda: _choose_context(spawn_context)  # type: ignore[attr-defined]
+        engine_utils.get_mp_context = lambda: _choose_context(spawn_context)
     return "zygote"
