@@ -94,7 +94,8 @@ def test_the_shared_zygote_survives_and_its_engine_children_do_not(monkeypatch: 
     shared = _engine_like()  # the zygote, and the engine core it forked
     _wait_for_grandchild(shared)
     engine_core = psutil.Process(shared.pid).children()[0]
-    monkeypatch.setattr(zygote, "shared_pids", lambda: {shared.pid})
+    real = zygote.shared_pids
+    monkeypatch.setattr(zygote, "shared_pids", lambda: real() | {shared.pid})  # keep this session's own zygote
     children.claim()
     try:
         children.cleanup()

@@ -101,3 +101,17 @@ def test_forked_server_equals_spawned_server(
             engine.close()
         assert ("engine processes start by fork" in log) == (start == "zygote"), log
     assert runs["zygote"] == runs["spawn"], "the forked server returned other tokens or logprobs"
+
+
+def test_a_zygote_killed_and_reaped_elsewhere_is_started_anew() -> None:
+    """A cleanup that kills and waits on the zygote leaves the stdlib's forkserver unable to check on it
+    (ChildProcessError); the next engine start forgets it and starts a new one."""
+    import os
+    import signal
+
+    first = zygote._ensure_zygote()
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    os.waitpid(first, 0)  # reaped here, as psutil.wait_procs does in an engine's cleanup
+    second = zygote._ensure_zygote()
+    assert second is not None and second != first

@@ -24,6 +24,7 @@ be forked, and vLLM's GPU workers already fork.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.forkserver
@@ -210,6 +211,28 @@ def _differences(env: Mapping[str, str], zygote: Mapping[str, str]) -> list[str]
     return sorted(k for k in keys if env.get(k) != zygote.get(k))
 
 
+def _ensure_zygote() -> int | None:
+    """Start the zygote under the current environment, or restart it when it died; its pid (None: it
+    cannot run here, and engines are spawned). The stdlib's own check raises ChildProcessError when the
+    zygote was killed and reaped by someone else (a cleanup that waited on it): forget it and start anew."""
+    server = multiprocessing.forkserver._forkserver
+    for _ in range(2):
+        try:
+            multiprocessing.forkserver.ensure_running()
+            return zygote_pid()
+        except ChildProcessError:
+            alive_fd = getattr(server, "_forkserver_alive_fd", None)
+            if isinstance(alive_fd, int):
+                with contextlib.suppress(OSError):
+                    os.close(alive_fd)
+            server._forkserver_address = None  # type: ignore[attr-defined]
+            server._forkserver_alive_fd = None  # type: ignore[attr-defined]
+            server._forkserver_pid = None  # type: ignore[attr-defined]
+        except OSError:
+            return None
+    return None
+
+
 def _choose_context(spawn_context: Callable[[], Any]) -> Any:
     """vLLM's ``get_mp_context`` for the engine core: the zygote when the environment allows it."""
     with _lock:
@@ -217,8 +240,7 @@ def _choose_context(spawn_context: Callable[[], Any]) -> Any:
             _installed["last"] = f"spawn ({ENV_VAR}=spawn)"
             return spawn_context()
         env = dict(os.environ)
-        multiprocessing.forkserver.ensure_running()  # starts it under this environment, or restarts it
-        pid = zygote_pid()
+        pid = _ensure_zygote()
         differences = _differences(env, _zygote.setdefault(pid, env)) if pid is not None else ["no zygote"]
         _installed["last"] = f"spawn (differs from the zygote: {', '.join(differences)})" if differences else "zygote"
         return spawn_context() if differences else _ENGINE_CONTEXT
