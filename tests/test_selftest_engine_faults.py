@@ -20,6 +20,7 @@ from typing import Any, cast
 import pytest
 from hypothesis import Phase, settings
 from hypothesis import strategies as st
+from hypothesis.errors import FlakyFailure
 
 from conformance.bundled import GPU_MATRIX
 from conformance.matrix import load_matrix
@@ -128,11 +129,14 @@ def test_batch_property_catches_batch_dependent_logits(
     vocab = vocabulary_from_tokenizer(bundled_tokenizer, bundled_reference.vocab_size)
     set_mode("batch-noise")
     try:
-        with pytest.raises(AssertionError) as info:
+        # FlakyFailure: the fault fired, but hypothesis's replay did not put both requests in one engine step
+        # (the engine core may start a step before the second request arrives); its inner error is the check's.
+        with pytest.raises((AssertionError, FlakyFailure)) as info:
             path_tests.test_batch_composition_does_not_change_logprobs(Parity(runner, FEW, vocab, "selftest"))
     finally:
         set_mode("none")
-    assert "[layer: inference-path]" in str(info.value), str(info.value)
+    caught = info.value.exceptions[0] if isinstance(info.value, FlakyFailure) else info.value
+    assert "[layer: inference-path]" in str(caught), str(caught)
     path_tests.test_batch_composition_does_not_change_logprobs(Parity(runner, FEW, vocab, "selftest"))
 
 
