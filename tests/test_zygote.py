@@ -38,6 +38,18 @@ def test_worker_cores_from_vllms_openmp_variables() -> None:
     assert zygote._cpu_set({}) is None
 
 
+REQUESTS = [
+    Request((1, 400 + i, 500, 600 + i), SamplingSpec(max_tokens=24, temperature=0.9, top_p=0.95, seed=11 + i))
+    for i in range(3)
+]
+"""Both engines of a comparison get these (seeded: the same tokens each time)."""
+
+
+def _values(samples: list[Any]) -> list[Any]:
+    """What must be bitwise equal between two starts: tokens, sampled logprobs and top-n."""
+    return [(s.output_ids, s.sampled_values, s.top_values) for s in samples]
+
+
 def _worker_threads(worker: Any) -> tuple[int, list[int]]:
     import os
 
@@ -53,21 +65,13 @@ def test_zygote_engine_equals_spawned_engine(
     pytest.importorskip("vllm")
     from conformance.engines.vllm_offline import VllmOfflineEngine
 
-    requests = [
-        Request((1, 400 + i, 500, 600 + i), SamplingSpec(max_tokens=24, temperature=0.9, top_p=0.95, seed=11 + i))
-        for i in range(3)
-    ]
     runs = {}
     for start in ("spawn", "zygote"):
         monkeypatch.setenv(zygote.ENV_VAR, start)
         engine = VllmOfflineEngine(cpu_cells["fp32-processed"], bundled_model)
         try:
-            samples = [s for row in engine.generate(requests) for s in row]
-            runs[start] = (
-                engine.start_mode,
-                engine.collective_rpc(_worker_threads),
-                [(s.output_ids, s.sampled_values, s.top_values) for s in samples],
-            )
+            samples = [s for row in engine.generate(REQUESTS) for s in row]
+            runs[start] = (engine.start_mode, engine.collective_rpc(_worker_threads), _values(samples))
         finally:
             engine.close()
     assert runs["spawn"][0].startswith("spawn")
@@ -85,18 +89,14 @@ def test_forked_server_equals_spawned_server(
     pytest.importorskip("vllm")
     from conformance.engines.vllm_server import VllmServerEngine
 
-    requests = [
-        Request((1, 400 + i, 500, 600 + i), SamplingSpec(max_tokens=24, temperature=0.9, top_p=0.95, seed=11 + i))
-        for i in range(3)
-    ]
     runs = {}
     for start in ("spawn", "zygote"):
         monkeypatch.setenv(zygote.ENV_VAR, start)
         engine = VllmServerEngine(cpu_cells["fp32-processed-server"], bundled_model)
         try:
             # one request at a time: concurrent requests batch differently from run to run
-            samples = [s for request in requests for row in engine.generate([request]) for s in row]
-            runs[start] = [(s.output_ids, s.sampled_values, s.top_values) for s in samples]
+            samples = [s for request in REQUESTS for row in engine.generate([request]) for s in row]
+            runs[start] = _values(samples)
             log = engine.log_tail(400)
         finally:
             engine.close()
